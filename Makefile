@@ -1,0 +1,92 @@
+# exaconnect: `make demo` and `make test` do all the set-up on a fresh machine.
+# Stage targets enqueue a batch on a queue; `make workers` drains it (locally or on many nodes).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+EXA         := $(VENV)/bin/exaconnect
+DATA        ?= data
+QUEUES      ?= queues
+SERVICE     ?= ingest
+QUEUE       ?= $(QUEUES)/$(SERVICE)
+N           ?= 2
+LEASE       ?= 600
+LAYER       ?= $(DATA)/demo/image
+SEGMENTATION ?= $(DATA)/demo/groundtruth
+SRC         ?= $(DATA)/demo/sample_image.npy
+DEST        ?= $(DATA)/ingested
+TYPE        ?= image
+RESOLUTION  ?= 10,10,10
+CHUNK_SIZE  ?= 64,64,64
+MIPS        ?= 2
+PORT        ?= 8765
+EXIT_WHEN_EMPTY ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test browser ingest downsample mesh mesh-merge skeletonize skeleton-merge \
+        workers status view link bench clean image apptainer
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install exaconnect
+
+demo: setup ## run the whole pipeline on the built-in sample and print a neuroglancer link
+	$(EXA) demo --workers $(N)
+
+browser: ## headless Chromium + driver for the viewer tests (Debian packages)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "chromium/chromedriver missing: browser tests will be skipped (install Debian packages chromium chromium-driver)"; fi; \
+	fi
+
+test: setup browser ## install everything and run the test suite
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+ingest: setup ## enqueue ingest of SRC into DEST (TYPE=image|segmentation RESOLUTION=x,y,z)
+	$(EXA) ingest $(SRC) $(DEST) --type $(TYPE) --resolution $(RESOLUTION) --chunk-size $(CHUNK_SIZE) --queue $(QUEUES)/ingest
+
+downsample: setup ## enqueue an image pyramid of LAYER (MIPS levels)
+	$(EXA) enqueue downsample $(LAYER) --num-mips $(MIPS) --queue $(QUEUES)/downsample
+
+mesh: setup ## enqueue mesh fragments of SEGMENTATION (then make workers SERVICE=mesh, then make mesh-merge)
+	$(EXA) enqueue mesh $(SEGMENTATION) --queue $(QUEUES)/mesh
+
+mesh-merge: setup ## enqueue mesh manifests of SEGMENTATION
+	$(EXA) enqueue mesh-merge $(SEGMENTATION) --queue $(QUEUES)/mesh
+
+skeletonize: setup ## enqueue kimimaro skeleton fragments of SEGMENTATION
+	$(EXA) enqueue skeletonize $(SEGMENTATION) --queue $(QUEUES)/skeletonize
+
+skeleton-merge: setup ## enqueue the skeleton fragment merge of SEGMENTATION
+	$(EXA) enqueue skeleton-merge $(SEGMENTATION) --queue $(QUEUES)/skeletonize
+
+workers: setup ## run N workers on QUEUE (default queues/SERVICE); EXIT_WHEN_EMPTY=0 keeps them polling
+	$(EXA) worker $(QUEUE) --processes $(N) --lease-seconds $(LEASE) $(if $(filter 1,$(EXIT_WHEN_EMPTY)),--exit-when-empty,)
+
+status: setup ## progress of QUEUE (default queues/SERVICE)
+	$(EXA) status $(QUEUE) --watch
+
+view: setup ## serve LAYER and SEGMENTATION with the bundled neuroglancer on 127.0.0.1:PORT
+	$(EXA) view $(LAYER) $(SEGMENTATION) --port $(PORT)
+
+link: setup ## print a shareable neuroglancer link for LAYER and SEGMENTATION
+	$(EXA) link $(LAYER) $(SEGMENTATION)
+
+bench: setup ## run every benchmark (each prints one JSON line)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+image: ## build the worker container (Docker)
+	docker build -t exaconnect:latest .
+
+apptainer: ## build an Apptainer image from the Docker image (on Aurora login nodes)
+	apptainer build exaconnect.sif docker-daemon://exaconnect:latest
+
+clean: ## remove generated data and queues (not .venv)
+	rm -rf $(DATA) $(QUEUES) artifacts

@@ -1,0 +1,168 @@
+"""Image stacks to ingest: a folder of PNG/TIFF sections, a multi-page TIFF, `file.h5:dataset`
+or a `.npy`, all presented as [z, y, x] arrays read one z-slab at a time.
+
+Sources are opened from their SRC string alone, so an ingest task carries only that string.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from exaconnect.errors import InputError
+
+SECTION_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+@dataclass
+class StackSource:
+    """A [z, y, x] stack with its shape and dtype known before any voxel is read."""
+
+    description: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    _read: Callable[[int, int], np.ndarray]
+
+    def read_slab(self, z_start: int, z_stop: int) -> np.ndarray:
+        if not 0 <= z_start < z_stop <= self.shape[0]:
+            raise InputError(f"{self.description}: z range {z_start}:{z_stop} is outside 0:{self.shape[0]}")
+        slab = np.asarray(self._read(z_start, z_stop))
+        expected = (z_stop - z_start, *self.shape[1:])
+        if slab.shape != expected:
+            raise InputError(f"{self.description}: read shape {slab.shape} for z {z_start}:{z_stop}; expected {expected}")
+        return slab
+
+
+def open_source(src: str) -> StackSource:
+    """Open SRC, checking that every section has the same size before returning."""
+    text = str(src)
+    path_part, _, dataset = text.partition(".h5:")
+    if dataset:
+        return _open_hdf5(path_part + ".h5", dataset)
+    path = Path(text)
+    if not path.exists():
+        raise InputError(f"source {text} does not exist; expected a folder of sections, a TIFF, file.h5:dataset or a .npy")
+    if path.is_dir():
+        return _open_section_folder(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return _open_npy(path)
+    if suffix in (".tif", ".tiff"):
+        return _open_multipage_tiff(path)
+    if suffix in (".h5", ".hdf5"):
+        raise InputError(f"source {text}: name the dataset as {text}:DATASET")
+    raise InputError(f"source {text}: unsupported file type {suffix!r}; expected a folder, .tif, .h5:dataset or .npy")
+
+
+def _as_stack(array: np.ndarray, description: str) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    if array.ndim != 3:
+        raise InputError(f"{description}: array has {array.ndim} dimensions; expected a [z, y, x] stack")
+    return array
+
+
+def _open_npy(path: Path) -> StackSource:
+    try:
+        array = _as_stack(np.load(path, mmap_mode="r"), str(path))
+    except ValueError as exc:
+        raise InputError(f"source {path}: not a readable .npy array ({exc})") from exc
+
+    def read(z_start: int, z_stop: int) -> np.ndarray:
+        return _as_stack(np.load(path, mmap_mode="r"), str(path))[z_start:z_stop]
+
+    return StackSource(str(path), tuple(array.shape), array.dtype, read)  # type: ignore[arg-type]
+
+
+def _open_hdf5(path_text: str, dataset: str) -> StackSource:
+    import h5py
+
+    if not os.path.exists(path_text):
+        raise InputError(f"source {path_text} does not exist; expected an HDF5 file")
+    with h5py.File(path_text, "r") as f:
+        if dataset not in f:
+            raise InputError(f"source {path_text} has no dataset {dataset!r}; it has {sorted(f.keys())}")
+        ds = f[dataset]
+        shape, dtype = tuple(ds.shape), ds.dtype
+    if len(shape) != 3:
+        raise InputError(f"source {path_text}:{dataset} has shape {shape}; expected a [z, y, x] stack")
+
+    def read(z_start: int, z_stop: int) -> np.ndarray:
+        with h5py.File(path_text, "r") as f:
+            return f[dataset][z_start:z_stop]
+
+    return StackSource(f"{path_text}:{dataset}", shape, dtype, read)  # type: ignore[arg-type]
+
+
+def _open_multipage_tiff(path: Path) -> StackSource:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        pages = tif.pages
+        first = pages[0]
+        shape = (len(pages), *first.shape[:2])
+        dtype = first.dtype
+        for i, page in enumerate(pages):
+            if page.shape[:2] != first.shape[:2]:
+                raise InputError(f"source {path}: page {i} is {page.shape[:2]}, page 0 is {first.shape[:2]}; expected equal sizes")
+
+    def read(z_start: int, z_stop: int) -> np.ndarray:
+        return tifffile.imread(path, key=range(z_start, z_stop)).reshape(z_stop - z_start, *shape[1:])
+
+    return StackSource(str(path), shape, dtype, read)  # type: ignore[arg-type]
+
+
+def _section_shape_and_dtype(path: Path) -> tuple[tuple[int, int], np.dtype]:
+    """Read a section's header only (PIL decodes lazily), so checking 10,000 sections is cheap."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return tuple(page.shape[:2]), page.dtype  # type: ignore[return-value]
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            mode_dtypes = {"L": np.uint8, "P": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}
+            if image.mode not in mode_dtypes:
+                raise InputError(f"section {path} has color mode {image.mode}; expected a grayscale image")
+            return (image.height, image.width), np.dtype(mode_dtypes[image.mode])
+    except OSError as exc:
+        raise InputError(f"section {path} is not a readable image ({exc})") from exc
+
+
+def _open_section_folder(folder: Path) -> StackSource:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SECTION_SUFFIXES)
+    if not files:
+        raise InputError(f"source folder {folder} has no .png/.tif sections")
+    shape0, dtype0 = _section_shape_and_dtype(files[0])
+    for path in files[1:]:
+        shape, dtype = _section_shape_and_dtype(path)
+        if shape != shape0:
+            raise InputError(f"section {path} is {shape[1]}x{shape[0]} pixels, {files[0].name} is {shape0[1]}x{shape0[0]}; expected all sections the same size")
+        if dtype != dtype0:
+            raise InputError(f"section {path} has dtype {dtype}, {files[0].name} has {dtype0}; expected one dtype")
+    names = [str(p) for p in files]
+
+    def read(z_start: int, z_stop: int) -> np.ndarray:
+        import imageio.v3 as iio
+
+        return np.stack([np.asarray(iio.imread(name)) for name in names[z_start:z_stop]])
+
+    return StackSource(str(folder), (len(files), *shape0), dtype0, read)  # type: ignore[arg-type]
+
+
+def check_labels(source: StackSource, slab_depth: int = 64) -> None:
+    """Segmentation sources must hold non-negative integers; scan signed ones for negatives."""
+    if not np.issubdtype(source.dtype, np.integer):
+        raise InputError(f"source {source.description} has dtype {source.dtype}; segmentation labels must be integers")
+    if np.issubdtype(source.dtype, np.signedinteger):
+        for z in range(0, source.shape[0], slab_depth):
+            slab = source.read_slab(z, min(source.shape[0], z + slab_depth))
+            if slab.size and slab.min() < 0:
+                raise InputError(f"source {source.description} has negative labels (min {slab.min()} near z={z}); expected labels >= 0")

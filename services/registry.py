@@ -1,0 +1,4 @@
+"""Importing this module registers every exaconnect task class with python-task-queue,
+so a worker can turn any payload on any of our queues back into a task."""
+
+from exaconnect.services import ingest  # noqa: F401

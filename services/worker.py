@@ -1,0 +1,146 @@
+"""A worker: lease a task, run it, delete it; record failures; stop cleanly on SIGTERM.
+
+Failed tasks are not released: the lease simply runs out and the task comes back, which spaces
+retries by the lease time (a crashed node behaves the same way). After `max_attempts` failures
+the task goes to the dead-letter record and is deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+
+from exaconnect.services.queue import FailureLedger, open_queue
+
+log = logging.getLogger("exaconnect.worker")
+
+
+def register_task_types(extra_modules: tuple[str, ...] = ()) -> None:
+    """Import every module that defines tasks so that payloads can be turned back into tasks;
+    `extra_modules` lets a lab run its own task classes on the same workers."""
+    import importlib
+
+    import igneous.tasks  # noqa: F401  (downsample, mesh, skeleton task classes)
+
+    from exaconnect.services import registry  # noqa: F401
+
+    for name in extra_modules:
+        importlib.import_module(name)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    lease_seconds: int = 600
+    exit_when_empty: bool = False
+    max_attempts: int = 3
+    idle_poll_seconds: float = 2.0
+    ledger_dir: str | None = None
+    max_tasks: int | None = None
+    task_modules: tuple[str, ...] = ()
+
+
+class _StopRequested(Exception):
+    pass
+
+
+class Worker:
+    def __init__(self, queue: str, options: WorkerOptions) -> None:
+        self.queue_spec = queue
+        self.options = options
+        self.stopping = False
+        self.completed = 0
+        self.failed = 0
+        self._interruptible = False
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.stopping and self._interruptible:
+            # A second SIGTERM: give the task back now rather than finishing it.
+            raise _StopRequested()
+        self.stopping = True
+        log.warning("SIGTERM: finishing the current task, then exiting (send again to release it now)")
+
+    def run(self) -> int:
+        from taskqueue import QueueEmptyError
+
+        register_task_types(self.options.task_modules)
+        tq = open_queue(self.queue_spec, create=False)
+        ledger = FailureLedger.for_queue(self.queue_spec, self.options.ledger_dir)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            while not self.stopping:
+                if self.options.max_tasks is not None and self.completed + self.failed >= self.options.max_tasks:
+                    break
+                try:
+                    task = tq.lease(seconds=self.options.lease_seconds)
+                except QueueEmptyError:
+                    if self.options.exit_when_empty and tq.is_empty():
+                        break
+                    time.sleep(self.options.idle_poll_seconds)
+                    continue
+                self._run_one(tq, ledger, task)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        log.info("worker done: %d completed, %d failed attempts", self.completed, self.failed)
+        return 0
+
+    def _run_one(self, tq, ledger: FailureLedger, task) -> None:
+        task_id = str(task.id)
+        name = type(task).__name__ if not hasattr(task, "key") else ".".join(task.key)
+        started = time.time()
+        self._interruptible = True
+        try:
+            task.execute()
+        except _StopRequested:
+            tq.cancel(task)
+            log.warning("released task %s (%s) on second SIGTERM", task_id, name)
+            self.stopping = True
+            return
+        except Exception:
+            self.failed += 1
+            error = traceback.format_exc()
+            attempts = ledger.record_failure(task_id, task.payload(), error)
+            log.error("task %s (%s) failed, attempt %d/%d:\n%s", task_id, name, attempts, self.options.max_attempts, error)
+            if attempts >= self.options.max_attempts:
+                path = ledger.bury(task_id, task.payload())
+                tq.delete(task)
+                log.error("task %s moved to dead letter %s after %d attempts", task_id, path, attempts)
+            return
+        finally:
+            self._interruptible = False
+        tq.delete(task, tally=True)
+        ledger.forget(task_id)
+        self.completed += 1
+        log.info("task %s (%s) done in %.2fs", task_id, name, time.time() - started)
+
+
+def _worker_process(queue: str, options: WorkerOptions) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    return Worker(queue, options).run()
+
+
+def run_workers(queue: str, options: WorkerOptions, processes: int = 1) -> int:
+    """Run one worker here, or `processes` workers as separate processes (spawned, not forked,
+    because TensorFlow and thread pools do not survive fork)."""
+    if processes <= 1:
+        return Worker(queue, options).run()
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=_worker_process, args=(queue, options)) for _ in range(processes)]
+    for child in children:
+        child.start()
+
+    def forward(signum, frame):
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        for child in children:
+            child.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return max((child.exitcode or 0) for child in children)

@@ -1,0 +1,237 @@
+"""The local viewer server over real HTTP: safety, headers, live data, token, task boxes."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import struct
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exaconnect.errors import InputError, LayerError
+from exaconnect.viewer.server import TOKEN_COOKIE, TOKEN_HEADER, ViewerServer
+from exaconnect.viewer.tasks import TaskBox, write_task_states
+
+SECRET = b"not for the browser"
+
+
+def _make_layer(path: Path) -> np.ndarray:
+    from cloudvolume import CloudVolume
+
+    info = CloudVolume.create_new_info(1, "image", "uint8", "raw", [10, 10, 10], [0, 0, 0], [64, 32, 32], chunk_size=[32, 32, 32])
+    vol = CloudVolume(f"file://{path}", info=info, compress=True, progress=False)
+    vol.commit_info()
+    data = np.arange(64 * 32 * 32, dtype=np.uint32).reshape(64, 32, 32).astype(np.uint8)
+    vol[:32, :, :] = data[:32]  # the second chunk is left unwritten: a missing chunk
+    return data
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("viewer_server")
+    path = base / "em"
+    _make_layer(path)
+    (base / "secret.txt").write_bytes(SECRET)
+    (path / "escape").symlink_to(base / "secret.txt")
+    (path / "escape_dir").symlink_to(base, target_is_directory=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tasks_file(layer: Path) -> Path:
+    return layer.parent / "tasks.json"
+
+
+@pytest.fixture(scope="module")
+def server(layer: Path, tasks_file: Path) -> Iterator[ViewerServer]:
+    with ViewerServer([str(layer)], tasks_file=tasks_file) as running:
+        yield running
+
+
+def get(server: ViewerServer, path: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict, bytes]:
+    """One raw request: http.client sends the path exactly as given (no normalisation of `..`)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+CHUNK = "/data/em/10_10_10/0-32_0-32_0-32"
+
+
+def test_gzip_chunk_is_served_with_content_encoding_and_cors(server: ViewerServer, layer: Path) -> None:
+    status, headers, body = get(server, CHUNK, {"Accept-Encoding": "gzip, deflate"})
+    assert status == 200
+    assert headers["content-encoding"] == "gzip"
+    assert headers["access-control-allow-origin"] == "*"
+    assert headers["content-type"] == "application/octet-stream"
+    on_disk = (layer / "10_10_10" / "0-32_0-32_0-32.gz").read_bytes()
+    assert body == on_disk and len(gzip.decompress(body)) == 32 * 32 * 32
+
+
+def test_gzip_chunk_is_decoded_for_a_client_without_gzip(server: ViewerServer) -> None:
+    status, headers, body = get(server, CHUNK)
+    assert status == 200 and "content-encoding" not in headers and len(body) == 32**3
+
+
+def test_info_is_json(server: ViewerServer) -> None:
+    status, headers, body = get(server, "/data/em/info")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert json.loads(body)["type"] == "image"
+    status, headers, _ = get(server, "/data/em/info", method="HEAD")
+    assert status == 200 and int(headers["content-length"]) > 0
+
+
+def test_missing_chunk_is_404_with_cors(server: ViewerServer) -> None:
+    status, headers, _ = get(server, "/data/em/10_10_10/32-64_0-32_0-32")
+    assert status == 404 and headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/data/em/../secret.txt",
+        "/data/em/%2e%2e/secret.txt",
+        "/data/em/%2E%2E/secret.txt",
+        "/data/em/%252e%252e/secret.txt",
+        "/data/em/..%2fsecret.txt",
+        "/data/em/%2e%2e%2fsecret.txt",
+        "/data/em/..\\secret.txt",
+        "/data/em/%5c..%5csecret.txt",
+        "/data/em/escape",
+        "/data/em/escape_dir/secret.txt",
+        "/data/../../../../etc/passwd",
+        "/v/exaconnect/../../../etc/passwd",
+        "/v/exaconnect/%2e%2e/%2e%2e/viewer_state.py",
+    ],
+)
+def test_escapes_are_refused(server: ViewerServer, path: str) -> None:
+    status, _, body = get(server, path)
+    assert status in (403, 404)
+    assert SECRET not in body and b"root:" not in body
+
+
+def test_only_given_roots_and_no_listings(server: ViewerServer) -> None:
+    assert get(server, "/data/other/info")[0] == 404
+    assert get(server, "/data/em/")[0] == 404
+    assert get(server, "/data/em/10_10_10")[0] == 404
+    assert get(server, "/etc/passwd")[0] == 404
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_read_only(server: ViewerServer, layer: Path, method: str) -> None:
+    before = (layer / "info").read_bytes()
+    status, headers, _ = get(server, "/data/em/info", method=method)
+    assert status == 405 and "GET" in headers["allow"]
+    assert (layer / "info").read_bytes() == before
+
+
+def test_chunks_written_after_startup_are_served(server: ViewerServer, layer: Path) -> None:
+    from cloudvolume import CloudVolume
+
+    late = "/data/em/10_10_10/32-64_0-32_0-32"
+    vol = CloudVolume(f"file://{layer}", compress=True, progress=False)
+    vol[32:64, :, :] = np.full((32, 32, 32, 1), 7, dtype=np.uint8)
+    try:
+        status, _, body = get(server, late)
+        assert status == 200 and set(body) == {7}
+    finally:
+        (layer / "10_10_10" / "32-64_0-32_0-32.gz").unlink()
+    assert get(server, late)[0] == 404
+
+
+def test_range_request_on_a_plain_file(server: ViewerServer, layer: Path) -> None:
+    info = (layer / "info").read_bytes()
+    status, headers, body = get(server, "/data/em/info", {"Range": "bytes=2-9"})
+    assert status == 206 and body == info[2:10]
+    assert headers["content-range"] == f"bytes 2-9/{len(info)}"
+    assert get(server, "/data/em/info", {"Range": f"bytes={len(info)}-"})[0] == 416
+
+
+def test_bundled_client_is_served(server: ViewerServer) -> None:
+    status, headers, body = get(server, "/v/exaconnect/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    scripts = [s.split('"')[0] for s in body.decode().split('src="')[1:]]
+    assert scripts and any(s.startswith("main.") for s in scripts)
+    for script in scripts:
+        status, headers, js = get(server, f"/v/exaconnect/{script}", method="HEAD")
+        assert status == 200 and headers["content-type"] == "application/javascript"
+
+
+def test_event_stream_for_the_bundled_client(server: ViewerServer) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("GET", "/events/exaconnect")
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+        assert response.fp.readline().startswith(b":")  # a comment: nothing to sync, stay connected
+    finally:
+        connection.close()
+
+
+def test_root_redirects_to_the_viewer_state(server: ViewerServer) -> None:
+    status, headers, _ = get(server, "/")
+    assert status == 302 and headers["location"] == server.link
+    assert server.link.startswith(f"{server.origin}/v/exaconnect/#!")
+    state = json.loads(urllib.parse.unquote(server.link.split("#!", 1)[1]))
+    assert state["layers"][0]["source"][0]["url"] == f"precomputed://{server.origin}/data/em"
+    assert state["layers"][-1]["source"][0]["url"] == f"precomputed://{server.origin}/tasks"
+
+
+def test_task_boxes_follow_the_task_file(server: ViewerServer, tasks_file: Path) -> None:
+    status, _, body = get(server, "/tasks/spatial0/0_0_0")
+    assert status == 200 and struct.unpack("<Q", body[:8]) == (0,)
+    write_task_states(tasks_file, [TaskBox((0, 0, 0, 32, 32, 32), "done"), TaskBox((32, 0, 0, 64, 32, 32), "running")])
+    status, _, body = get(server, "/tasks/spatial0/0_0_0")
+    assert status == 200 and struct.unpack("<Q", body[:8]) == (2,)
+    info = json.loads(get(server, "/tasks/info")[2])
+    assert info["@type"] == "neuroglancer_annotations_v1" and info["upper_bound"] == [64, 32, 32]
+    assert info["dimensions"]["x"] == [10e-9, "m"]  # the layer's resolution
+    assert get(server, "/tasks/by_id/1")[0] == 200 and get(server, "/tasks/by_id/2")[0] == 404
+    tasks_file.write_text("{broken")
+    status, _, body = get(server, "/tasks/info")
+    assert status == 500 and str(tasks_file).encode() in body
+    tasks_file.unlink()
+
+
+def test_token_is_enforced(layer: Path) -> None:
+    token = "s3cr3t-token"
+    with ViewerServer([str(layer)], token=token) as server:
+        assert get(server, "/data/em/info")[0] == 403
+        assert get(server, "/v/exaconnect/")[0] == 403
+        assert get(server, "/data/em/info?token=wrong")[0] == 403
+        assert get(server, "/data/em/info", {"Cookie": f"{TOKEN_COOKIE}=wrong"})[0] == 403
+        status, headers, _ = get(server, f"/v/exaconnect/?token={token}")
+        assert status == 200 and f"{TOKEN_COOKIE}={token}" in headers["set-cookie"]
+        assert "HttpOnly" in headers["set-cookie"]
+        assert get(server, "/data/em/info", {"Cookie": f"{TOKEN_COOKIE}={token}"})[0] == 200
+        assert get(server, "/data/em/info", {TOKEN_HEADER: token})[0] == 200
+        assert get(server, "/data/em/info", {"Authorization": f"Bearer {token}"})[0] == 200
+        assert f"?token={token}#!" in server.url
+        # Even with the token, escapes stay refused.
+        assert get(server, f"/data/em/../secret.txt?token={token}")[0] in (403, 404)
+
+
+def test_binding_beyond_loopback_makes_up_a_token(layer: Path) -> None:
+    server = ViewerServer([str(layer)], bind="127.0.0.2")
+    try:
+        assert server.config.token and "?token=" in server.url
+    finally:
+        server.close()
+
+
+def test_bad_arguments_name_the_parameter(layer: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--token"):
+        ViewerServer([str(layer)], token="a b")
+    with pytest.raises(InputError, match="--port"):
+        ViewerServer([str(layer)], port=99999)
+    with pytest.raises(LayerError, match=str(tmp_path / "absent")):
+        ViewerServer([str(tmp_path / "absent")])

@@ -110,3 +110,25 @@ def test_load_model_accepts_reference_prefix_and_own_directory(reference_model, 
     image = np.zeros((2, 33, 33, 33), np.float32)
     mask = np.full((2, 33, 33, 33), -2.944, np.float32)
     np.testing.assert_array_equal(predictor(image, mask), again(image, mask))
+
+
+def _small_predictor(**kwargs):
+    from exaconnect.ffn.predictor import Predictor
+
+    return Predictor(_randomized(SMALL), FFNConfig(model=SMALL), **kwargs)
+
+
+def test_reduced_precision_and_xla_agree_with_float32():
+    from exaconnect.ffn.predictor import with_precision
+
+    predictor = _small_predictor()
+    image, mask = _inputs(SMALL)
+    reference = predictor(image[None], mask[None])
+    bf16 = with_precision(predictor, "bfloat16")
+    assert bf16.config.inference.precision == "bfloat16"
+    low = bf16(image[None], mask[None])
+    assert low.dtype == np.float32
+    # bfloat16 keeps ~3 significant digits: close, but not equal.
+    np.testing.assert_allclose(low, reference, atol=0.1 * np.abs(reference).max())
+    xla = _small_predictor(jit_compile=True)
+    np.testing.assert_allclose(xla(image[None], mask[None]), reference, rtol=1e-4, atol=1e-4)

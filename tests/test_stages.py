@@ -1,0 +1,92 @@
+"""Downsample, mesh and skeletonize through real queues and workers on the synthetic sample,
+and the whole demo through its CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from exaconnect.precomputed.layers import layer_url, open_layer, read_box, layer_bounds
+from exaconnect.precomputed.synthetic import SyntheticSpec, synthetic_volume
+from exaconnect.services.downsample import create_downsample_tasks
+from exaconnect.services.ingest import IngestOptions, ingest_now
+from exaconnect.services.mesh import create_mesh_forge_tasks, create_mesh_merge_tasks
+from exaconnect.services.queue import enqueue, queue_status
+from exaconnect.services.skeletonize import create_skeleton_forge_tasks, create_skeleton_merge_tasks
+from exaconnect.services.worker import Worker, WorkerOptions
+
+
+def drain(queue):
+    Worker(queue, WorkerOptions(exit_when_empty=True, idle_poll_seconds=0.1)).run()
+    status = queue_status(queue)
+    assert status.enqueued == 0 and status.failed == 0
+
+
+@pytest.fixture(scope="module")
+def sample_layers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    image, labels = synthetic_volume(SyntheticSpec(shape=(64, 64, 64), seed=3))
+    np.save(root / "image.npy", image)
+    np.save(root / "labels.npy", labels)
+    ingest_now(str(root / "image.npy"), str(root / "image"), IngestOptions("image", (10, 10, 10), chunk_size=(16, 16, 16)), progress=False)
+    ingest_now(str(root / "labels.npy"), str(root / "labels"), IngestOptions("segmentation", (10, 10, 10), chunk_size=(16, 16, 16)), progress=False)
+    return root, image, labels
+
+
+def test_downsample_mean_for_images_and_mode_for_labels(sample_layers):
+    root, image, labels = sample_layers
+    queue = str(root / "q-downsample")
+    enqueue(queue, list(create_downsample_tasks(str(root / "image"), num_mips=2)) +
+            list(create_downsample_tasks(str(root / "labels"), num_mips=2)))
+    drain(queue)
+    img1 = read_box(open_layer(str(root / "image"), mip=1), layer_bounds(open_layer(str(root / "image"), mip=1)).__class__((0, 0, 0), (32, 32, 32)))
+    expected = image.reshape(32, 2, 32, 2, 32, 2).astype(float).mean(axis=(1, 3, 5))
+    assert np.abs(img1.astype(float) - expected).max() <= 1.0  # averaging, rounded
+    lab_vol = open_layer(str(root / "labels"), mip=2)
+    assert lab_vol.info["scales"][2]["size"] == [16, 16, 16]
+    lab2 = np.asarray(lab_vol[:, :, :])[..., 0].transpose(2, 1, 0)
+    assert set(np.unique(lab2)) <= set(np.unique(labels))  # mode: never invents labels
+
+
+def test_meshes_and_skeletons_load_for_every_object(sample_layers):
+    root, image, labels = sample_layers
+    url = layer_url(str(root / "labels"))
+    queue = str(root / "q-mesh")
+    enqueue(queue, create_mesh_forge_tasks(url, shape=(32, 32, 32)))
+    drain(queue)
+    enqueue(queue, create_mesh_merge_tasks(url))
+    drain(queue)
+    vol = open_layer(url)
+    ids = [int(i) for i in np.unique(labels) if i]
+    meshes = vol.mesh.get(ids, fuse=False)
+    assert sorted(meshes) == ids and all(len(m.faces) > 0 for m in meshes.values())
+    # A mesh spans the object it came from: its bounding box matches the label's (nm, +- a voxel).
+    biggest = max(ids, key=lambda i: (labels == i).sum())
+    zyx = np.argwhere(labels == biggest)
+    vmin, vmax = meshes[biggest].vertices.min(0), meshes[biggest].vertices.max(0)
+    assert np.allclose(vmin, zyx.min(0)[::-1] * 10, atol=15) and np.allclose(vmax, zyx.max(0)[::-1] * 10, atol=15)
+
+    queue = str(root / "q-skel")
+    enqueue(queue, create_skeleton_forge_tasks(url, shape=(32, 32, 32), dust_threshold=100))
+    drain(queue)
+    enqueue(queue, create_skeleton_merge_tasks(url))
+    drain(queue)
+    skeleton = open_layer(url).skeleton.get(biggest)  # reopened: the info now names the skeleton dir
+    assert len(skeleton.vertices) > 10 and len(skeleton.edges) > 10
+    # Skeleton vertices lie inside their object.
+    voxels = np.round(skeleton.vertices / 10).astype(int)
+    voxels = np.clip(voxels, 0, 63)
+    inside = labels[voxels[:, 2], voxels[:, 1], voxels[:, 0]] == biggest
+    assert inside.mean() > 0.9
+
+
+def test_demo_runs_end_to_end_and_prints_a_link(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "exaconnect.cli", "demo", "--data-dir", str(tmp_path / "data"),
+                           "--queue-dir", str(tmp_path / "queues"), "--shape", "64,64,64"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "#!" in done.stdout.splitlines()[-1]
+    summary = json.loads((tmp_path / "data" / "demo_summary.json").read_text())
+    assert {"ingest", "downsample", "mesh", "skeletonize"} <= set(summary["seconds"])

@@ -261,19 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Commands whose modules register themselves (viewer, FFN); each brings its own options."""
-    try:
-        from exaconnect.viewer.cli import add_cli as add_viewer
-    except ImportError:
-        add_viewer = None
-    if add_viewer is not None:
-        add_viewer(sub)
-    try:
-        from exaconnect.ffn.cli import add_cli as add_ffn
-    except ImportError:
-        add_ffn = None
-    if add_ffn is not None:
-        add_ffn(sub)
+    """Commands defined beside the code they drive; each module registers its own options."""
+    from exaconnect import segment
+    from exaconnect.viewer import cli as viewer_cli
+
+    segment.add_cli(sub)
+    viewer_cli.add_cli(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,7 +63,9 @@ def segment_subvolume(
 ) -> SubvolumeResult:
     """Runs FFN inference with the reference's semantics over the whole `image` [z, y, x].
 
-    `options` defaults to the inference options stored with the model.
+    `options` defaults to the inference options stored with the model. Its `precision` is a
+    load-time choice (`load_model(..., config_overrides={'precision': ...})`) and is not
+    re-applied here. `progress` logs per-subvolume progress at INFO level.
     """
     return segment_subvolumes([image], model, options, batch_size=1, progress=progress)[0]
 

@@ -1,0 +1,66 @@
+"""Downsample and mesh on FIB-25 through our fq:// queue and worker versus calling the same
+igneous task objects directly, in the same run on the same data: the overhead ratio.
+
+Both sides run in one process (a worker on a cluster is long-lived, so process start-up is
+not part of the per-task cost); ours adds serialization, the file-queue lease and delete,
+and the failure ledger.
+
+    .venv/bin/python bench/bench_stage_overhead.py
+"""
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit, require_fib25, timed  # noqa: E402
+
+from exaconnect.services.downsample import create_downsample_tasks  # noqa: E402
+from exaconnect.services.ingest import IngestOptions, ingest_now  # noqa: E402
+from exaconnect.services.mesh import create_mesh_forge_tasks  # noqa: E402
+from exaconnect.services.queue import enqueue  # noqa: E402
+from exaconnect.services.worker import Worker, WorkerOptions  # noqa: E402
+
+
+def run_direct(tasks) -> None:
+    from taskqueue.queueables import totask
+
+    for task in tasks:
+        totask(task).execute()
+
+
+def run_queued(queue: str, tasks) -> None:
+    enqueue(queue, tasks)
+    Worker(queue, WorkerOptions(exit_when_empty=True, idle_poll_seconds=0.05)).run()
+
+
+def main(repeats: int = 2) -> None:
+    fib = require_fib25()
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ingest_now(str(fib / "grayscale_maps"), str(tmp / "image"), IngestOptions("image", (10, 10, 10), chunk_size=(32, 32, 32)), progress=False)
+        ingest_now(f"{fib}/groundtruth.h5:stack", str(tmp / "labels"), IngestOptions("segmentation", (10, 10, 10), chunk_size=(32, 32, 32)), progress=False)
+        for stage, make_tasks, cleanup in (
+            ("downsample", lambda: list(create_downsample_tasks(str(tmp / "image"), num_mips=2)), lambda: [shutil.rmtree(p, ignore_errors=True) for p in (tmp / "image").glob("20_*")] + [shutil.rmtree(p, ignore_errors=True) for p in (tmp / "image").glob("40_*")]),
+            ("mesh", lambda: list(create_mesh_forge_tasks(str(tmp / "labels"), shape=(64, 64, 64))), lambda: shutil.rmtree(tmp / "labels" / "mesh_mip_0_err_40.0", ignore_errors=True)),
+        ):
+            direct, queued = [], []
+            for r in range(repeats):  # alternate so drift in machine load hits both sides
+                cleanup()
+                tasks = make_tasks()
+                direct.append(timed(run_direct, tasks)[0])
+                cleanup()
+                tasks = make_tasks()
+                queued.append(timed(run_queued, str(tmp / f"q-{stage}-{r}"), tasks)[0])
+            figures[f"{stage}_tasks"] = len(tasks)
+            figures[f"{stage}_direct_s"] = round(min(direct), 3)
+            figures[f"{stage}_queued_s"] = round(min(queued), 3)
+            figures[f"{stage}_overhead_ratio"] = round(min(queued) / min(direct), 3)
+            figures[f"{stage}_mvoxels_per_s_queued"] = round(250 ** 3 / 1e6 / min(queued), 2)
+    emit("stage_overhead_fib25", **figures)
+
+
+if __name__ == "__main__":
+    main()

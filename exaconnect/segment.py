@@ -1,0 +1,109 @@
+"""`exaconnect segment`: FFN inference on one box of an image layer, written into a segmentation
+layer with the image's geometry. Interactive use; the queue service for whole volumes is
+`services/segment`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exaconnect.errors import InputError
+from exaconnect.precomputed.bbox import Box, require_inside
+from exaconnect.precomputed.layers import (
+    LayerSpec,
+    Provenance,
+    create_layer,
+    layer_bounds,
+    layer_url,
+    open_layer,
+    read_box,
+)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`--option key=value` pairs; values are YAML scalars or lists (e.g. min_boundary_dist=[1,1,1])."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--option {pair!r}: expected KEY=VALUE, e.g. segment_threshold=0.6")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def output_spec(image_vol, dtype: str = "uint64", layer_type: str = "segmentation") -> LayerSpec:
+    """A layer with the image layer's mip-0 geometry."""
+    scale = image_vol.info["scales"][0]
+    return LayerSpec(
+        layer_type=layer_type,
+        dtype=dtype,
+        size=tuple(scale["size"]),  # type: ignore[arg-type]
+        resolution=tuple(scale["resolution"]),  # type: ignore[arg-type]
+        voxel_offset=tuple(scale["voxel_offset"]),  # type: ignore[arg-type]
+        chunk_size=tuple(scale["chunk_sizes"][0]),  # type: ignore[arg-type]
+    )
+
+
+def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None = None,
+                options: dict[str, Any] | None = None, device: str = "auto",
+                probabilities_layer: str | None = None, counters_path: str | None = None,
+                progress: bool = True) -> dict:
+    from exaconnect.ffn.inference import segment_subvolume
+    from exaconnect.ffn.predictor import load_model
+
+    image_vol = open_layer(image_layer, layer_type="image")
+    bounds = layer_bounds(image_vol)
+    box = bbox or bounds
+    require_inside(box, bounds, f"--bbox for image layer {layer_url(image_layer)}")
+    if image_vol.dtype != np.uint8:
+        raise InputError(f"image layer {layer_url(image_layer)} is {image_vol.dtype}; the FFN takes uint8 EM")
+    predictor = load_model(model, config_overrides=options or None, device=device)
+    image = read_box(image_vol, box)
+    result = segment_subvolume(image, predictor, progress=progress)
+
+    parameters = {"model": str(model), "bbox": str(box), "options": options or {}}
+    provenance = Provenance("segment", parameters, [layer_url(image_layer), str(model)])
+    out_vol = create_layer(out_layer, output_spec(image_vol), provenance)
+    out_vol.non_aligned_writes = True  # an interactive box need not follow the chunk grid
+    out_vol[box.slices()] = np.ascontiguousarray(result.labels.transpose(2, 1, 0))
+    if probabilities_layer:
+        prob_vol = create_layer(probabilities_layer, output_spec(image_vol, "uint8", "image"),
+                                Provenance("segment-probabilities", parameters, [layer_url(image_layer)]))
+        prob_vol.non_aligned_writes = True
+        prob_vol[box.slices()] = np.ascontiguousarray(result.probabilities.transpose(2, 1, 0))
+    summary = {
+        "image_layer": layer_url(image_layer),
+        "segmentation_layer": layer_url(out_layer),
+        "bbox": str(box),
+        "objects": len(result.objects),
+        "counters": result.counters,
+    }
+    if counters_path:
+        Path(counters_path).write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("segment", help="FFN inference on one box (no queue), labels into OUT_LAYER")
+    p.add_argument("image_layer")
+    p.add_argument("out_layer")
+    p.add_argument("--model", required=True, help="exaconnect checkpoint dir or reference TF1 checkpoint prefix")
+    p.add_argument("--bbox", default=None, help="x0,y0,z0,x1,y1,z1 in mip-0 voxels (default: the whole layer)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="inference option override, e.g. segment_threshold=0.6 (repeatable)")
+    p.add_argument("--device", default="auto", help="auto|cpu|gpu|xpu")
+    p.add_argument("--probabilities", default=None, help="also write the quantized object probability map here")
+    p.add_argument("--counters", default=None, help="write counters JSON here")
+    p.set_defaults(func=_cmd_segment)
+
+
+def _cmd_segment(args) -> int:
+    summary = segment_box(args.image_layer, args.out_layer, args.model, Box.parse(args.bbox) if args.bbox else None,
+                          parse_options(args.option), args.device, args.probabilities, args.counters)
+    print(json.dumps(summary, default=str))
+    return 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from exaconnect.errors import InputError
+
 from .config import ModelConfig
 
 _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
@@ -51,6 +53,8 @@ class ConvStack3D(tf.Module):
     def __init__(self, config: ModelConfig, precision: str = "float32", seed: int = 0):
         super().__init__(name="seed_update")
         self.config = config
+        if precision not in _DTYPES:
+            raise InputError(f"precision={precision!r}: expected one of {tuple(_DTYPES)}")
         self.precision = precision
         self.compute_dtype = _DTYPES[precision]
         rng = np.random.default_rng(seed)
@@ -68,9 +72,7 @@ class ConvStack3D(tf.Module):
 
     def assign(self, weights: dict[str, np.ndarray], biases: dict[str, np.ndarray]) -> None:
         """Loads arrays into the variables, checking every name and shape."""
-        from exaconnect.errors import InputError
-
-        for name, variable in {**self.weights}.items():
+        for name, variable in self.weights.items():
             for kind, source, target in (
                 ("weights", weights, variable),
                 ("biases", biases, self.biases[name]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -87,11 +88,24 @@ class Worker:
         log.info("worker done: %d completed, %d failed attempts", self.completed, self.failed)
         return 0
 
+    def _keep_lease(self, tq, task, done: threading.Event) -> None:
+        """Renew the lease at half its length while the task runs, so a long FFN subvolume is not
+        handed to a second worker; if this process dies, renewals stop and the lease runs out."""
+        interval = max(1.0, self.options.lease_seconds / 2)
+        while not done.wait(interval):
+            try:
+                tq.renew(task, self.options.lease_seconds)
+            except Exception as exc:  # a missed renewal only risks a duplicate run, which is harmless
+                log.warning("could not renew lease of task %s: %s", task.id, exc)
+
     def _run_one(self, tq, ledger: FailureLedger, task) -> None:
         task_id = str(task.id)
         name = type(task).__name__ if not hasattr(task, "key") else ".".join(task.key)
         started = time.time()
         self._interruptible = True
+        done = threading.Event()
+        if self.options.lease_seconds > 0:
+            threading.Thread(target=self._keep_lease, args=(tq, task, done), daemon=True).start()
         try:
             task.execute()
         except _StopRequested:
@@ -111,6 +125,7 @@ class Worker:
             return
         finally:
             self._interruptible = False
+            done.set()
         tq.delete(task, tally=True)
         ledger.forget(task_id)
         self.completed += 1

@@ -65,3 +65,18 @@ def test_status_and_worker_on_missing_queue_fail_clearly(tmp_path):
     assert done.returncode == 2 and "does not exist" in done.stderr
     done = subprocess.run(EXA + ["worker", str(tmp_path / "nope"), "--exit-when-empty"], capture_output=True, text=True)
     assert done.returncode == 2 and "enqueue tasks first" in done.stderr
+
+
+def test_lease_is_renewed_while_a_long_task_runs(tmp_path):
+    """A 2 s lease on a 5 s task: without renewal a second worker would take the task too."""
+    queue = str(tmp_path / "q")
+    enqueue(queue, [WriteTask(str(tmp_path / "out"), "x", seconds=5)])
+    procs = []
+    for _ in range(2):
+        procs.append(subprocess.Popen(EXA + ["worker", queue, "--task-module", "worker_tasks", "--exit-when-empty",
+                                             "--lease-seconds", "2"], env=ENV, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True))
+        time.sleep(2.5)  # the second starts after the first lease would have expired
+    logs = [p.communicate(timeout=60)[1] for p in procs]
+    assert sum(log.count("WriteTask) done") for log in logs) == 1, logs
+    assert queue_status(queue).completed == 1

@@ -43,7 +43,7 @@ def main(repeats: int = 2) -> None:
         ingest_now(str(fib / "grayscale_maps"), str(tmp / "image"), IngestOptions("image", (10, 10, 10), chunk_size=(32, 32, 32)), progress=False)
         ingest_now(f"{fib}/groundtruth.h5:stack", str(tmp / "labels"), IngestOptions("segmentation", (10, 10, 10), chunk_size=(32, 32, 32)), progress=False)
         for stage, make_tasks, cleanup in (
-            ("downsample", lambda: list(create_downsample_tasks(str(tmp / "image"), num_mips=2)), lambda: [shutil.rmtree(p, ignore_errors=True) for p in (tmp / "image").glob("20_*")] + [shutil.rmtree(p, ignore_errors=True) for p in (tmp / "image").glob("40_*")]),
+            ("downsample", lambda: list(create_downsample_tasks(str(tmp / "image"), num_mips=1, memory_target=300_000)), lambda: [shutil.rmtree(p, ignore_errors=True) for p in (tmp / "image").glob("20_*")] + [shutil.rmtree(p, ignore_errors=True) for p in (tmp / "image").glob("40_*")]),
             ("mesh", lambda: list(create_mesh_forge_tasks(str(tmp / "labels"), shape=(64, 64, 64))), lambda: shutil.rmtree(tmp / "labels" / "mesh_mip_0_err_40.0", ignore_errors=True)),
         ):
             direct, queued = [], []

@@ -1,0 +1,394 @@
+"""The FFN training loop: FOV movement inside examples, loss, checkpoints, resume, summaries.
+
+Each slot of the batch holds one example: an image patch of `fov + 2 * deltas * fov_moves`
+voxels around a sampled centre, the soft mask of the centre's object, and a mask canvas of
+logits started as in inference (0.95 at the centre, 0.05 elsewhere). The FOV visits positions
+inside the patch; a position is taken only when the network's *own* current prediction there
+passes the move threshold, so the network learns from the situations its inference meets.
+Every visit is one training step for that slot; its prediction is written back into the
+canvas before the next visit (reference google/ffn `train.py`, `get_example`/`get_batch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from scipy.special import logit
+
+from exaconnect.errors import InputError
+
+from .train_augment import augment_example, valid_transforms
+from .train_config import TrainConfig, config_to_yaml
+from .train_data import ExampleSource, build_example_source
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE_DIR = "train_state"
+MODEL_DIR = "model"
+
+
+# --- movement inside one example -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class WalkSettings:
+    fov_zyx: tuple[int, int, int]
+    deltas_zyx: tuple[int, int, int]
+    fov_moves: int
+    policy: str
+    move_logit: float
+    init_logit: float
+    pad_logit: float
+
+
+def walk_settings(config: TrainConfig) -> WalkSettings:
+    t = config.training
+    return WalkSettings(config.model.fov_zyx, config.model.deltas_zyx, t.fov_moves, t.fov_policy,
+                        float(logit(t.move_threshold)), float(logit(t.init_activation)), float(logit(t.seed_pad)))
+
+
+class ExampleWalk:
+    """One example and its mask canvas; `offsets()` yields FOV offsets (z, y, x) from the centre.
+
+    After each yield the caller writes the network's prediction into `canvas` (see `update`)
+    before asking for the next offset, which is decided on the updated canvas.
+    """
+
+    def __init__(self, image: np.ndarray, mask: np.ndarray, settings: WalkSettings, softness: float,
+                 rng: np.random.Generator):
+        self.settings = settings
+        self.image = image.astype(np.float32, copy=False)
+        self.mask = mask
+        self.target = np.where(mask, 1.0 - softness, softness).astype(np.float32)
+        self.canvas = np.full(image.shape, settings.pad_logit, dtype=np.float32)
+        self.center = np.array(image.shape) // 2
+        self.canvas[tuple(self.center)] = settings.init_logit
+        self.rng = rng
+        self.visits = 0
+
+    def _sel(self, offset) -> tuple[slice, ...]:
+        start = self.center + np.asarray(offset) - np.asarray(self.settings.fov_zyx) // 2
+        return tuple(slice(int(s), int(s) + f) for s, f in zip(start, self.settings.fov_zyx))
+
+    def crops(self, offset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sel = self._sel(offset)
+        return self.canvas[sel], self.image[sel], self.target[sel]
+
+    def update(self, offset, logits: np.ndarray) -> None:
+        self.canvas[self._sel(offset)] = logits
+        self.visits += 1
+
+    def _value(self, array: np.ndarray, offset) -> float:
+        return float(array[tuple(self.center + np.asarray(offset))])
+
+    def offsets(self) -> Iterator[tuple[int, int, int]]:
+        if self.settings.policy == "max_pred":
+            yield from self._max_pred_offsets()
+        else:
+            yield from self._fixed_offsets()
+
+    def _fixed_offsets(self) -> Iterator[tuple[int, int, int]]:
+        # The centre first, then every shift by multiples of the deltas up to fov_moves (the
+        # 26 neighbours for one move, as the reference), in random order.
+        yield (0, 0, 0)
+        m = self.settings.fov_moves
+        steps = [range(-m, m + 1) if d > 0 else range(0, 1) for d in self.settings.deltas_zyx]
+        shifts = [tuple(int(k * d) for k, d in zip(ks, self.settings.deltas_zyx))
+                  for ks in np.array(np.meshgrid(*steps, indexing="ij")).reshape(3, -1).T]
+        shifts = [s for s in shifts if any(s)]
+        for i in self.rng.permutation(len(shifts)):
+            offset = shifts[int(i)]
+            if self._value(self.canvas, offset) >= self.settings.move_logit:
+                yield offset  # type: ignore[misc]
+
+    def _max_pred_offsets(self) -> Iterator[tuple[int, int, int]]:
+        # The inference policy (face maxima of the current prediction), limited to the patch,
+        # and only into voxels of the true object: moves the network wants but should not
+        # make teach it nothing the loss does not already say.
+        from collections import deque
+
+        from .movement import face_moves
+
+        deltas = np.asarray(self.settings.deltas_zyx)
+        limit = deltas * self.settings.fov_moves
+        queue = deque([(0, 0, 0)])
+        done: set[tuple[int, ...]] = set()
+        while queue:
+            offset = np.asarray(queue.popleft())
+            if np.any(np.abs(offset) > limit):
+                continue
+            cell = tuple(int(v) for v in (offset + deltas // 2) // np.maximum(deltas, 1))
+            if cell in done:
+                continue
+            is_center = not offset.any()
+            if not is_center and (self._value(self.canvas, offset) < self.settings.move_logit
+                                  or not self._value(self.mask, offset)):
+                continue
+            done.add(cell)
+            yield tuple(int(v) for v in offset)  # type: ignore[misc]
+            canvas_crop = self.canvas[self._sel(offset)]
+            for _, move in face_moves(canvas_crop, tuple(int(d) for d in deltas), self.settings.move_logit):
+                queue.append(tuple(int(a + b) for a, b in zip(move, offset)))
+
+
+class BatchFeeder:
+    """Keeps `batch` examples walking; `next()` returns the FOV crops of one training step."""
+
+    def __init__(self, source: ExampleSource, config: TrainConfig, batch: int, rng: np.random.Generator,
+                 augment: bool = True):
+        self.source = source
+        self.config = config
+        self.settings = walk_settings(config)
+        self.rng = rng
+        self.augment = augment
+        self.transforms = [valid_transforms(v.resolution, source.shape, config.augment.permute_axes,
+                                            config.augment.flip_axes) for v in source.volumes]
+        self.slots: list[tuple[ExampleWalk, Iterator] | None] = [None] * batch
+        self.current: list[tuple[int, int, int]] = [(0, 0, 0)] * batch
+        self.examples_started = 0
+
+    def _new_walk(self) -> tuple[ExampleWalk, Iterator]:
+        image, mask, vi = self.source.draw(self.rng)
+        if self.augment:
+            image, mask = augment_example(image, mask, self.rng, self.config.augment, self.transforms[vi])
+        walk = ExampleWalk(image, mask, self.settings, self.config.training.label_softness, self.rng)
+        self.examples_started += 1
+        return walk, walk.offsets()
+
+    def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        seeds, images, targets = [], [], []
+        for i in range(len(self.slots)):
+            while True:
+                if self.slots[i] is None:
+                    self.slots[i] = self._new_walk()
+                walk, offsets = self.slots[i]  # type: ignore[misc]
+                offset = next(offsets, None)
+                if offset is None:
+                    self.slots[i] = None
+                    continue
+                break
+            self.current[i] = offset
+            seed, image, target = walk.crops(offset)
+            seeds.append(seed.copy())
+            images.append(image)
+            targets.append(target)
+        return np.stack(seeds), np.stack(images), np.stack(targets)
+
+    def update(self, logits: np.ndarray) -> None:
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                slot[0].update(self.current[i], logits[i])
+
+
+# --- validation ----------------------------------------------------------------------------
+
+def validation_metrics(forward, source: ExampleSource, config: TrainConfig, count: int, seed: int = 1234,
+                       batch: int = 8) -> dict[str, float]:
+    """Precision, recall, F1 and accuracy of the final example masks (p > 0.5) on `count`
+    fixed examples, walked by the network as in training but without updates or augmentation."""
+    rng = np.random.default_rng(seed)
+    tp = fp = fn = tn = 0
+    loss_sum = 0.0
+    evaluations = 0
+    for start in range(0, count, batch):
+        n = min(batch, count - start)
+        feeder = BatchFeeder(source, config, n, rng, augment=False)
+        walks = [feeder._new_walk() for _ in range(n)]
+        active = list(range(n))
+        while active:
+            taken, crops = [], []
+            for i in active:
+                offset = next(walks[i][1], None)
+                if offset is not None:
+                    taken.append((i, offset))
+                    crops.append(walks[i][0].crops(offset))
+            if not taken:
+                break
+            logits = forward(np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops]))
+            for (i, offset), out in zip(taken, logits):
+                walks[i][0].update(offset, out)
+            evaluations += len(taken)
+            active = [i for i, _ in taken]
+        for walk, _ in walks:
+            predicted = walk.canvas > 0
+            truth = walk.mask
+            tp += int(np.sum(predicted & truth))
+            fp += int(np.sum(predicted & ~truth))
+            fn += int(np.sum(~predicted & truth))
+            tn += int(np.sum(~predicted & ~truth))
+            z = np.clip(walk.canvas, -30, 30)
+            loss_sum += float(np.mean(np.maximum(z, 0) - z * walk.target + np.log1p(np.exp(-np.abs(z)))))
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+        "accuracy": (tp + tn) / max(tp + tn + fp + fn, 1),
+        "canvas_loss": loss_sum / max(count, 1),
+        "evaluations": evaluations,
+    }
+
+
+# --- the run -------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_dir: Path  # loadable with ffn.load_model / ffn.checkpoint.load_network
+    step: int
+    resumed_from: int
+    steps_run: int
+    seconds: float
+    examples_per_second: float
+    last_loss: float
+    validation: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _export_config(config: TrainConfig):
+    from .config import FFNConfig
+
+    inference = replace(config.inference, image_mean=config.data.image_mean, image_stddev=config.data.image_stddev)
+    return FFNConfig(model=config.model, inference=inference)
+
+
+def _init_weights(model, config: TrainConfig) -> None:
+    """Fine-tuning: weights from an exaconnect checkpoint directory or a reference TF1 prefix."""
+    from .checkpoint import load_network
+    from .config import FFNConfig
+
+    path = config.training.init_checkpoint
+    source, source_config = load_network(path, FFNConfig(model=config.model, inference=config.inference))
+    if source_config.model != config.model:
+        raise InputError(f"training.init_checkpoint={path}: its model {source_config.model} differs from the "
+                         f"config's model {config.model}")
+    weights, biases = source.numpy_weights()
+    model.assign(weights, biases)
+    logger.info("initialized weights from %s", path)
+
+
+def train(config: TrainConfig, example_source: ExampleSource | None = None,
+          validation_source: ExampleSource | None = None, strategy=None) -> TrainResult:
+    """Trains (or resumes, or fine-tunes) an FFN as `config` says; returns where the model is.
+
+    A run writes into `training.out_dir`: `config.yaml`, `train_state/` (checkpoints with the
+    optimizer state, for resuming), `model/` (the latest weights, loadable by inference),
+    `metrics.jsonl`, `tensorboard/` and `training.png`.
+    """
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from .checkpoint import save_network
+    from .model import ConvStack3D
+    from .train_distribute import Optimizer, TrainStep, is_chief, make_strategy, ordered_variables
+    from .train_monitor import MetricsLog, plot_metrics
+
+    t = config.training
+    started = time.perf_counter()
+    out_dir = Path(t.out_dir)
+    strategy = strategy or make_strategy(t)
+    chief = is_chief(strategy)
+    # Non-chief workers of a multi-worker job must take part in saving, but into scratch space.
+    write_dir = out_dir if chief else out_dir / f"worker-scratch-{id(strategy)}"
+    write_dir.mkdir(parents=True, exist_ok=True)
+    if chief:
+        (out_dir / "config.yaml").write_text(config_to_yaml(config))
+    cache_dir = config.data.cache_dir or str(out_dir / "partitions")
+    if example_source is None:
+        example_source = build_example_source(
+            config.data.volumes, config.example_shape_zyx, config.lom_radius_zyx, config.data.thresholds,
+            config.data.min_size, config.data.image_mean, config.data.image_stddev, cache_dir)
+    if validation_source is None and config.data.validation_volumes and t.validation_examples > 0:
+        validation_source = build_example_source(
+            config.data.validation_volumes, config.example_shape_zyx, config.lom_radius_zyx, config.data.thresholds,
+            config.data.min_size, config.data.image_mean, config.data.image_stddev, cache_dir)
+
+    with strategy.scope():
+        model = ConvStack3D(config.model, seed=t.seed)
+        optimizer = Optimizer(config.optimizer, ordered_variables(model))
+    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    checkpoint = tf.train.Checkpoint(weights=model.weights, biases=model.biases, optimizer=optimizer, step=step_var)
+    manager = tf.train.CheckpointManager(checkpoint, str(write_dir / TRAIN_STATE_DIR), max_to_keep=t.keep_checkpoints)
+    resumed_from = 0
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        resumed_from = int(step_var.numpy())
+        # The learning rate of the config wins over the stored one (a resumed sweep may change it).
+        optimizer.learning_rate.assign(config.optimizer.learning_rate)
+        logger.info("resumed from %s at step %d", manager.latest_checkpoint, resumed_from)
+    elif t.init_checkpoint:
+        _init_weights(model, config)
+
+    local_batch = t.batch_size * len(strategy.extended.worker_devices)
+    step_fn = TrainStep(strategy, model, optimizer, t.batch_size)
+    worker_index = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
+    rng = np.random.default_rng([t.seed, resumed_from, worker_index])
+    feeder = BatchFeeder(example_source, config, local_batch, rng, augment=True)
+    log = MetricsLog(out_dir, enabled=chief)
+    forward = tf.function(model._forward)
+
+    def predict(seeds: np.ndarray, images: np.ndarray) -> np.ndarray:
+        return forward(tf.constant(images[..., None]), tf.constant(seeds[..., None])).numpy()[..., 0]
+
+    def export() -> None:
+        manager.save(checkpoint_number=int(step_var.numpy()))
+        save_network(model, write_dir / MODEL_DIR, _export_config(config))
+
+    step = resumed_from
+    last_save_time = time.perf_counter()
+    last_loss = float("nan")
+    losses: list[float] = []
+    window_start, window_steps = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    steps_run = 0
+    validation: dict[str, float] = {}
+    deadline = started + 60.0 * t.max_minutes if t.max_minutes > 0 else None
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not (t.progress and chief) or None)
+    try:
+        while step < t.max_steps and (deadline is None or time.perf_counter() < deadline):
+            seeds, images, targets = feeder.next()
+            loss, logits = step_fn(seeds, images, targets)
+            feeder.update(logits)
+            step += 1
+            steps_run += 1
+            step_var.assign(step)
+            last_loss = loss
+            losses.append(loss)
+            window_steps += 1
+            bar.update(1)
+            if step % t.summary_every_steps == 0:
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps / max(elapsed, 1e-9)
+                values = {"loss": float(np.mean(losses)), "steps_per_second": rate,
+                          "examples_per_second": rate * step_fn.global_batch,
+                          "learning_rate": float(optimizer.learning_rate.numpy()),
+                          "examples_started": feeder.examples_started}
+                log.write(step, "train", values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{values['examples_per_second']:.2f}")
+                losses, window_start, window_steps = [], time.perf_counter(), 0
+            if validation_source is not None and step % t.validation_every_steps == 0:
+                validation = validation_metrics(predict, validation_source, config, t.validation_examples)
+                log.write(step, "validation", validation)
+                if chief:
+                    plot_metrics(out_dir)
+            now = time.perf_counter()
+            if step % t.checkpoint_every_steps == 0 or now - last_save_time >= t.checkpoint_every_seconds:
+                export()
+                last_save_time = now
+    finally:
+        bar.close()
+    if steps_run or not (write_dir / MODEL_DIR).is_dir():
+        export()
+    if validation_source is not None and steps_run and step % t.validation_every_steps != 0:
+        validation = validation_metrics(predict, validation_source, config, t.validation_examples)
+        log.write(step, "validation", validation)
+    if chief:
+        plot_metrics(out_dir)
+    seconds = time.perf_counter() - run_start
+    return TrainResult(out_dir, write_dir / MODEL_DIR, step, resumed_from, steps_run, seconds,
+                       steps_run * step_fn.global_batch / max(seconds, 1e-9), last_loss, validation)

@@ -22,8 +22,14 @@ MIPS        ?= 2
 PORT        ?= 8765
 EXIT_WHEN_EMPTY ?= 1
 PYTEST_ARGS ?=
+SEGMENTED   ?= $(DATA)/segmentation
+DEMO_FFN    ?= train
+MODEL       ?= ../shared/models/ffn-fib25/model.ckpt-27465036
+SUBVOLUME   ?= 256,256,256
+OVERLAP     ?= 32,32,32
+SEGMENT_STAGES := segment-faces segment-equivalence segment-relabel
 
-.PHONY: help setup demo test browser ingest downsample mesh mesh-merge skeletonize skeleton-merge \
+.PHONY: help setup demo test browser ingest downsample mesh mesh-merge skeletonize skeleton-merge segment \
         workers status view link bench clean image apptainer
 
 help:
@@ -38,7 +44,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed ## create .venv and install exaconnect
 
 demo: setup ## run the whole pipeline on the built-in sample and print a neuroglancer link
-	$(EXA) demo --workers $(N)
+	$(EXA) demo --workers $(N) --ffn $(DEMO_FFN)
 
 browser: ## headless Chromium + driver for the viewer tests (Debian packages)
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
@@ -66,6 +72,18 @@ skeletonize: setup ## enqueue kimimaro skeleton fragments of SEGMENTATION
 
 skeleton-merge: setup ## enqueue the skeleton fragment merge of SEGMENTATION
 	$(EXA) enqueue skeleton-merge $(SEGMENTATION) --queue $(QUEUES)/skeletonize
+
+segment: setup ## FFN-segment LAYER into SEGMENTED (MODEL, SUBVOLUME, OVERLAP): passes, stitch, downsample, N local workers
+	$(EXA) enqueue segment $(LAYER) $(SEGMENTED) --model $(MODEL) --subvolume $(SUBVOLUME) --overlap $(OVERLAP) --overwrite --queue $(QUEUES)/segment
+	$(EXA) worker $(QUEUES)/segment --processes $(N) --lease-seconds $(LEASE) --exit-when-empty
+	$(EXA) status $(QUEUES)/segment >/dev/null
+	@for stage in $(SEGMENT_STAGES); do \
+	  $(EXA) enqueue $$stage $(SEGMENTED) --queue $(QUEUES)/segment && \
+	  $(EXA) worker $(QUEUES)/segment --processes $(N) --lease-seconds $(LEASE) --exit-when-empty && \
+	  $(EXA) status $(QUEUES)/segment >/dev/null || exit 1; \
+	done
+	$(EXA) enqueue downsample $(SEGMENTED) --num-mips $(MIPS) --queue $(QUEUES)/segment
+	$(EXA) worker $(QUEUES)/segment --processes $(N) --exit-when-empty
 
 workers: setup ## run N workers on QUEUE (default queues/SERVICE); EXIT_WHEN_EMPTY=0 keeps them polling
 	$(EXA) worker $(QUEUE) --processes $(N) --lease-seconds $(LEASE) $(if $(filter 1,$(EXIT_WHEN_EMPTY)),--exit-when-empty,)

@@ -96,12 +96,22 @@ def _skeleton_merge_tasks(args):
     return create_skeleton_merge_tasks(args.layer, magnitude=args.magnitude)
 
 
+def _segment_tasks(args):
+    from exaconnect.services.segment_cli import stage_tasks
+
+    return stage_tasks(args)
+
+
 ENQUEUE_STAGES: dict[str, tuple[str, Callable]] = {
     "downsample": ("image pyramid (mean for images, mode for labels)", _downsample_tasks),
     "mesh": ("mesh fragments per task box (forge)", _mesh_tasks),
     "mesh-merge": ("mesh manifests (merge; after mesh)", _mesh_merge_tasks),
     "skeletonize": ("kimimaro skeleton fragments (forge)", _skeleton_tasks),
     "skeleton-merge": ("join skeleton fragments (merge; after skeletonize)", _skeleton_merge_tasks),
+    "segment": ("FFN pass per overlapping subvolume (IMAGE_LAYER OUT_LAYER --model)", _segment_tasks),
+    "segment-faces": ("match objects across subvolume faces (after segment)", _segment_tasks),
+    "segment-equivalence": ("global ID equivalence, one task (after segment-faces)", _segment_tasks),
+    "segment-relabel": ("stitched labels into OUT_LAYER (after segment-equivalence)", _segment_tasks),
 }
 
 
@@ -172,7 +182,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(DemoOptions(data_dir=args.data_dir, queue_dir=args.queue_dir, workers=args.workers,
                                 seed=args.seed, source=args.source, groundtruth=args.groundtruth,
-                                resolution=_resolution(args.resolution), shape=parse_triple(args.shape, "--shape")))
+                                resolution=_resolution(args.resolution), shape=parse_triple(args.shape, "--shape"),
+                                ffn=args.ffn))
 
 
 # ---------------------------------------------------------------- parser
@@ -212,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--shape", default="256,256,256", help="task box X,Y,Z")
         if name.endswith("merge"):
             s.add_argument("--magnitude", type=int, default=1, help="digits of object-id prefix per task")
+        if name.startswith("segment"):
+            from exaconnect.services.segment_cli import add_arguments
+
+            add_arguments(s, name)
         s.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("worker", help="lease, run and delete tasks from a queue")
@@ -254,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="a real volume instead of the sample (folder of sections, .h5:ds, .npy)")
     p.add_argument("--groundtruth", default=None, help="labels for --source (e.g. groundtruth.h5:stack)")
     p.add_argument("--resolution", default="10,10,10")
+    p.add_argument("--ffn", default="none", help="FFN segmentation through the queue: none, train (small demo FFN), or a checkpoint")
     p.set_defaults(func=cmd_demo)
 
     _add_optional_commands(sub)

@@ -12,6 +12,7 @@ All arrays are (z, y, x).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -63,16 +64,24 @@ def _read_layer(path: str, bbox: tuple[int, ...] | None) -> tuple[np.ndarray, tu
     return read_box(vol, box), resolution, tuple(box.start)  # type: ignore[return-value]
 
 
+@functools.lru_cache(maxsize=4)
+def _synthetic(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from exaconnect.precomputed.synthetic import SyntheticSpec, synthetic_volume
+
+    image, labels = synthetic_volume(SyntheticSpec(seed=seed))
+    image.setflags(write=False)
+    labels.setflags(write=False)
+    return image, labels
+
+
 def _read_stack(path: str, bbox: tuple[int, ...] | None) -> tuple[np.ndarray, tuple[int, int, int]]:
     if path.startswith("synthetic:"):
-        from exaconnect.precomputed.synthetic import SyntheticSpec, synthetic_volume
-
         try:
             seed_text, _, kind = path[len("synthetic:"):].partition(":")
             seed = int(seed_text or 0)
         except ValueError:
             raise InputError(f"{path}: expected synthetic:SEED[:image|labels]") from None
-        image, labels = synthetic_volume(SyntheticSpec(seed=seed))
+        image, labels = _synthetic(seed)
         array = labels if kind == "labels" else image
     else:
         from exaconnect.precomputed.sources import open_source

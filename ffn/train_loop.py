@@ -257,13 +257,34 @@ def _export_config(config: TrainConfig):
     return FFNConfig(model=config.model, inference=inference)
 
 
+def glorot_init(model, seed: int) -> None:
+    """Fresh weights for training from scratch: Glorot-uniform kernels, zero biases.
+
+    The reference built its convolutions with tf.contrib.layers defaults (Xavier/Glorot);
+    ConvStack3D's own N(0, 0.01) start is meant for tests and makes a fresh network learn
+    slowly, because the residual updates start almost at zero.
+    """
+    rng = np.random.default_rng([seed, 7])
+    for name, variable in model.weights.items():
+        kz, ky, kx, cin, cout = variable.shape
+        limit = float(np.sqrt(6.0 / (kz * ky * kx * (cin + cout))))
+        variable.assign(rng.uniform(-limit, limit, size=variable.shape).astype(np.float32))
+        model.biases[name].assign(np.zeros(model.biases[name].shape, np.float32))
+
+
 def _init_weights(model, config: TrainConfig) -> None:
     """Fine-tuning: weights from an exaconnect checkpoint directory or a reference TF1 prefix."""
     from .checkpoint import load_network
     from .config import FFNConfig
 
     path = config.training.init_checkpoint
-    source, source_config = load_network(path, FFNConfig(model=config.model, inference=config.inference))
+    # Our checkpoints carry their own config; a reference TF1 prefix does not store FOV and
+    # deltas, so the config's model stands in for them (depth and width are still checked).
+    given = None if Path(path).is_dir() else FFNConfig(model=config.model, inference=config.inference)
+    try:
+        source, source_config = load_network(path, given)
+    except (ValueError, InputError) as exc:
+        raise InputError(f"training.init_checkpoint={path}: cannot load it into model {config.model}: {exc}") from None
     if source_config.model != config.model:
         raise InputError(f"training.init_checkpoint={path}: its model {source_config.model} differs from the "
                          f"config's model {config.model}")
@@ -323,6 +344,8 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
         logger.info("resumed from %s at step %d", manager.latest_checkpoint, resumed_from)
     elif t.init_checkpoint:
         _init_weights(model, config)
+    else:
+        glorot_init(model, t.seed)
 
     local_batch = t.batch_size * len(strategy.extended.worker_devices)
     step_fn = TrainStep(strategy, model, optimizer, t.batch_size)
@@ -339,6 +362,18 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
         manager.save(checkpoint_number=int(step_var.numpy()))
         save_network(model, write_dir / MODEL_DIR, _export_config(config))
 
+    multi_worker = t.strategy == "multi_worker"
+
+    def agree(*flags: bool) -> list[bool]:
+        # Workers of a multi-worker job must stop and save at the same step (both involve
+        # collectives), so time-based decisions are OR-ed across all replicas.
+        if not multi_worker:
+            return list(flags)
+        value = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant([int(f) for f in flags], tf.int32))
+        total = strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None).numpy()
+        return [bool(v > 0) for v in total]
+
     step = resumed_from
     last_save_time = time.perf_counter()
     last_loss = float("nan")
@@ -347,10 +382,13 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     run_start = time.perf_counter()
     steps_run = 0
     validation: dict[str, float] = {}
-    deadline = started + 60.0 * t.max_minutes if t.max_minutes > 0 else None
+    # The time budget is for training; reading volumes and partitions come before it.
+    deadline = run_start + 60.0 * t.max_minutes if t.max_minutes > 0 else None
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not (t.progress and chief) or None)
     try:
-        while step < t.max_steps and (deadline is None or time.perf_counter() < deadline):
+        while step < t.max_steps:
+            if deadline is not None and agree(time.perf_counter() >= deadline)[0]:
+                break
             seeds, images, targets = feeder.next()
             loss, logits = step_fn(seeds, images, targets)
             feeder.update(logits)
@@ -377,7 +415,7 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
                 if chief:
                     plot_metrics(out_dir)
             now = time.perf_counter()
-            if step % t.checkpoint_every_steps == 0 or now - last_save_time >= t.checkpoint_every_seconds:
+            if step % t.checkpoint_every_steps == 0 or agree(now - last_save_time >= t.checkpoint_every_seconds)[0]:
                 export()
                 last_save_time = now
     finally:

@@ -114,6 +114,22 @@ def fit_affine(points: np.ndarray, targets: np.ndarray, weights: np.ndarray | No
     return affine
 
 
+def fit_rigid(points: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted least-squares rotation + translation as a 2x3 affine (Kabsch). Points [n, 2]."""
+    points = np.asarray(points, float).reshape(-1, 2)
+    targets = np.asarray(targets, float).reshape(-1, 2)
+    w = np.ones(len(points)) if weights is None else np.asarray(weights, float).reshape(-1)
+    if w.sum() <= 0:
+        return np.hstack([np.eye(2), np.zeros((2, 1))])
+    w = w / w.sum()
+    cp, ct = w @ points, w @ targets
+    h = ((points - cp) * w[:, None]).T @ (targets - ct)
+    u, _, vt = np.linalg.svd(h)
+    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
+    rotation = vt.T @ np.diag([1.0, d]) @ u.T
+    return np.hstack([rotation, (ct - rotation @ cp)[:, None]])
+
+
 def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ affine[:, :2].T + affine[:, 2]
 

@@ -81,9 +81,11 @@ def section_mask(section: np.ndarray, min_local_std: float = 2.0, window: int = 
     image = section.astype(np.float32)
     mean = ndimage.uniform_filter(image, window)
     var = ndimage.uniform_filter(image * image, window) - mean * mean
-    mask = var > min_local_std**2
-    mask &= ndimage.minimum_filter(image, 3) > 0
-    return mask
+    flat = (var <= min_local_std**2) | (image <= 0)
+    # Grow the flat regions by the window: the edge of a fold or of the imaged area is itself
+    # high-contrast, and matching it would pull patches onto the edge instead of the tissue.
+    flat = ndimage.binary_dilation(flat, iterations=window // 2 + 1)
+    return ~flat
 
 
 def downsample(image: np.ndarray, factor: int) -> np.ndarray:
@@ -132,15 +134,20 @@ def _normalize(patches: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return centred / np.maximum(std, 1e-6)
 
 
-def cross_correlate(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
-    """Batched cross-correlation C(d) = sum_u ref(u) mov(u + d), zero-padded (no wrap-around),
-    centred: index `size` along each axis is d = 0. Inputs [n, size, size]."""
+def cross_correlate(ref: np.ndarray, mov: np.ndarray, max_shift: int) -> np.ndarray:
+    """Batched cross-correlation C(d) = sum_u ref(u) mov(u + d) for |d| <= max_shift, without
+    wrap-around (zero padding by max_shift), centred: index `max_shift` is d = 0.
+    Inputs [n, size, size]; single precision halves the FFT time and is ample for a peak."""
+    import scipy.fft
+
     n, size, _ = ref.shape
-    shape = (2 * size, 2 * size)
-    fr = np.fft.rfft2(ref, s=shape)
-    fm = np.fft.rfft2(mov, s=shape)
-    corr = np.fft.irfft2(np.conj(fr) * fm, s=shape)
-    return np.fft.fftshift(corr, axes=(1, 2)) / float(size * size)
+    length = scipy.fft.next_fast_len(size + max_shift + 1, real=True)
+    shape = (length, length)
+    fr = scipy.fft.rfft2(ref.astype(np.float32), s=shape)
+    fm = scipy.fft.rfft2(mov.astype(np.float32), s=shape)
+    corr = scipy.fft.irfft2(np.conj(fr) * fm, s=shape)
+    corr = np.roll(corr, (max_shift, max_shift), axis=(1, 2))[:, : 2 * max_shift + 1, : 2 * max_shift + 1]
+    return corr / float(size * size)
 
 
 def _subpixel(c_minus: np.ndarray, c0: np.ndarray, c_plus: np.ndarray) -> np.ndarray:
@@ -204,8 +211,11 @@ def match_patches(ref: np.ndarray, ref_mask: np.ndarray, mov: np.ndarray, mov_ma
     b, mb = extract_patches(mov, mov_mask, centers + offset, size)
     frac_a = ma.mean(axis=(1, 2))
     frac_b = mb.mean(axis=(1, 2))
-    corr = cross_correlate(_normalize(a, ma), _normalize(b, mb))
-    peaks = find_peaks(corr, max_shift=size // 2 - 1, exclusion=config.peak_exclusion)
+    # The prior centres the moving patch, so the residual shift is small; half a patch of search
+    # range still catches a prior that is off by a membrane spacing.
+    max_shift = size // 2
+    corr = cross_correlate(_normalize(a, ma), _normalize(b, mb), max_shift)
+    peaks = find_peaks(corr, max_shift=max_shift - 1, exclusion=config.peak_exclusion)
     flow = offset + peaks.shift + (centers - points)
     usable = (
         (frac_a >= config.min_patch_mask_fraction)

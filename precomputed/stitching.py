@@ -152,8 +152,7 @@ def equivalence_from_edges(edges: np.ndarray) -> Equivalence:
     _, component = connected_components(graph.tocsr(), directed=False)
     del graph, dense
     # ids is sorted ascending, so the first member seen per component is its smallest ID.
-    first = np.full(component.max() + 1, len(ids), dtype=np.int64)
-    np.minimum.at(first, component, np.arange(len(ids)))
+    _, first = np.unique(component, return_index=True)
     return Equivalence(ids=ids, roots=ids[first[component]])
 
 

@@ -177,6 +177,12 @@ def prepare_run(
         if existing.grid != grid or existing.image_layer != run.image_layer:
             raise LayerError(f"staging {staging} holds a run with another grid or image; pass --overwrite or another --staging")
         return existing
+    if existing is not None:
+        from cloudfiles import CloudFiles
+
+        # A new run: finished files of the old one would otherwise be skipped as done work.
+        files = CloudFiles(staging)
+        files.delete(list(files.list()))
     save_run(run)
     return run
 

@@ -65,12 +65,6 @@ def segment_volume(plan: SegmentPlan, queue: str, workers: int = 2) -> tuple[Seg
     times = StageTimes()
     run = prepare_run(plan.image_layer, plan.segmentation_layer, plan.subvolume, plan.overlap, plan.bbox,
                       plan.staging, plan.match, overwrite=plan.overwrite)
-    if plan.overwrite:
-        from cloudfiles import CloudFiles
-
-        # A fresh run: old staging files would otherwise be taken as finished work.
-        cf = CloudFiles(run.staging)
-        cf.delete([p for p in cf.list() if not p.endswith("segment.json")])
     for spec in plan.passes:
         run = add_pass(run.staging, spec)
         stage = f"segment-{spec.name}"

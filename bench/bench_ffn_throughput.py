@@ -5,7 +5,7 @@ this CPU's fp32 peak; (2) end-to-end segmentation of independent crops one by on
 the batched executor; (3) optionally reduced precision, with its effect on the crop64
 segmentation against the reference (variation of information).
 
-    .venv/bin/python bench/ffn_throughput.py [--crops 2] [--batch 4] [--precisions float32,bfloat16]
+    .venv/bin/python bench/bench_ffn_throughput.py [--crops 2] [--batch 4] [--precisions float32,bfloat16]
 """
 
 from __future__ import annotations

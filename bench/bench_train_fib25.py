@@ -1,0 +1,224 @@
+"""FFN training acceptance on FIB-25 training_sample2; prints one JSON line.
+
+The cube is split along z: z < 125 trains, z >= 125 is held out. Stages (each cached in
+--work, so an interrupted run continues):
+
+1. ingest the PNG sections and the ground truth into precomputed layers (training reads
+   layers, as users do);
+2. train a small FFN from scratch for --minutes on the training half (bboxes on the layers);
+3. fine-tune the imported reference checkpoint on the training half for --finetune-minutes;
+4. segment a held-out crop with: the untrained small network, a seeded watershed of the
+   image (parameters picked on a training-half crop), the trained small network, the reference
+   checkpoint, and the fine-tuned checkpoint; report VI (split, merge) and adapted Rand error
+   against the ground truth (unsegmented voxels count as one segment).
+
+    nice .venv/bin/python bench/bench_train_fib25.py --work /tmp/fib25-train --minutes 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIB25 = SHARED / "data" / "fib25" / "training_sample2"
+CHECKPOINT = SHARED / "models" / "ffn-fib25" / "model.ckpt-27465036"
+SPLIT_Z = 125
+
+SMALL_MODEL = {"depth": 4, "fov_size": [17, 17, 17], "deltas": [4, 4, 4], "features": 24}
+REFERENCE_MODEL = {"depth": 12, "fov_size": [33, 33, 33], "deltas": [8, 8, 8], "features": 32}
+
+
+def ingest(work: Path) -> tuple[str, str]:
+    from exaconnect.precomputed.layers import read_info
+    from exaconnect.services.ingest import IngestOptions, ingest_now
+
+    image, labels = work / "layers" / "image", work / "layers" / "groundtruth"
+    if read_info(str(image)) is None:
+        ingest_now(str(FIB25 / "grayscale_maps"), str(image),
+                   IngestOptions("image", (10, 10, 10), chunk_size=(64, 64, 64)), progress=False)
+    if read_info(str(labels)) is None:
+        ingest_now(f"{FIB25 / 'groundtruth.h5'}:stack", str(labels),
+                   IngestOptions("segmentation", (10, 10, 10), chunk_size=(64, 64, 64)), progress=False)
+    return str(image), str(labels)
+
+
+def volumes(image: str, labels: str) -> tuple[dict, dict]:
+    train = {"name": "fib25-train", "image": image, "labels": labels, "bbox": [0, 0, 0, 250, 250, SPLIT_Z]}
+    held = {"name": "fib25-heldout", "image": image, "labels": labels, "bbox": [0, 0, SPLIT_Z, 250, 250, 250]}
+    return train, held
+
+
+def train_small(work: Path, image: str, labels: str, minutes: float, strategy: str, logical_cpus: int):
+    from exaconnect.ffn.checkpoint import save_network
+    from exaconnect.ffn.model import ConvStack3D
+    from exaconnect.ffn.train_config import train_config_from_dict
+    from exaconnect.ffn.train_loop import _export_config, glorot_init, train
+
+    train_vol, held_vol = volumes(image, labels)
+    config = train_config_from_dict({
+        "model": SMALL_MODEL,
+        "data": {"volumes": [train_vol], "validation_volumes": [held_vol], "cache_dir": str(work / "partitions")},
+        "optimizer": {"name": "adam", "learning_rate": 0.001},
+        "training": {"out_dir": str(work / "small"), "batch_size": 4, "max_minutes": minutes,
+                     "summary_every_steps": 25, "validation_every_steps": 400, "validation_examples": 16,
+                     "checkpoint_every_seconds": 120, "strategy": strategy, "logical_cpus": logical_cpus,
+                     "progress": False},
+        "inference": {"min_segment_size": 1000},
+    }, "small FIB-25 model")
+    untrained = work / "untrained"
+    if not (untrained / "ffn_config.json").is_file():
+        model = ConvStack3D(config.model, seed=config.training.seed)
+        glorot_init(model, config.training.seed)  # the very weights training starts from
+        save_network(model, untrained, _export_config(config))
+    return train(config), untrained
+
+
+def finetune(work: Path, image: str, labels: str, minutes: float):
+    from exaconnect.ffn.train_config import train_config_from_dict
+    from exaconnect.ffn.train_loop import train
+
+    train_vol, held_vol = volumes(image, labels)
+    config = train_config_from_dict({
+        "model": REFERENCE_MODEL,
+        "data": {"volumes": [train_vol], "validation_volumes": [held_vol], "cache_dir": str(work / "partitions")},
+        # The reference's own optimizer and rate: a fine-tune, not a re-training.
+        "optimizer": {"name": "sgd", "learning_rate": 0.001},
+        "training": {"out_dir": str(work / "finetuned"), "batch_size": 2, "max_minutes": minutes,
+                     "init_checkpoint": str(CHECKPOINT), "summary_every_steps": 5, "validation_every_steps": 10**6,
+                     "validation_examples": 0, "checkpoint_every_seconds": 120, "progress": False},
+    }, "fine-tuning")
+    return train(config)
+
+
+def held_out_crop(image: str, labels: str, crop: int) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    from exaconnect.precomputed.bbox import Box
+    from exaconnect.precomputed.layers import open_layer, read_box
+
+    # Centred in the held-out half, away from the split plane by more than an FOV.
+    z0 = SPLIT_Z + (250 - SPLIT_Z - crop) // 2
+    y0 = x0 = (250 - crop) // 2
+    box = Box((x0, y0, z0), (x0 + crop, y0 + crop, z0 + crop))
+    return box.slices(), read_box(open_layer(image), box), read_box(open_layer(labels), box)
+
+
+def watershed(image: np.ndarray, sigma: float, threshold: float, min_distance: int) -> np.ndarray:
+    """Seeded watershed of the smoothed image: markers at maxima of the distance to dark
+    (membrane) voxels, flooding the inverted intensity. Dense, like the ground truth."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed as ws
+
+    smooth = ndimage.gaussian_filter(image.astype(np.float32), sigma)
+    inside = smooth > threshold
+    distance = ndimage.distance_transform_edt(inside)
+    peaks = peak_local_max(distance, min_distance=min_distance, labels=inside.astype(np.int32), exclude_border=False)
+    markers = np.zeros(image.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return ws(-smooth, markers).astype(np.uint64)
+
+
+def tuned_watershed(image: str, labels: str, crop: int) -> dict:
+    from exaconnect.precomputed.bbox import Box
+    from exaconnect.precomputed.evaluate import segmentation_metrics
+    from exaconnect.precomputed.layers import open_layer, read_box
+
+    z0 = (SPLIT_Z - crop) // 2
+    y0 = x0 = (250 - crop) // 2
+    box = Box((x0, y0, z0), (x0 + crop, y0 + crop, z0 + crop))
+    img, gt = read_box(open_layer(image), box), read_box(open_layer(labels), box)
+    best = None
+    for sigma in (1.0, 2.0):
+        for threshold in (110.0, 130.0, 150.0):
+            for min_distance in (3, 6):
+                vi = segmentation_metrics(watershed(img, sigma, threshold, min_distance), gt)["vi"]
+                if best is None or vi < best[0]:
+                    best = (vi, {"sigma": sigma, "threshold": threshold, "min_distance": min_distance})
+    return best[1]  # type: ignore[index]
+
+
+def evaluate(name: str, segmentation: np.ndarray, groundtruth: np.ndarray, extra: dict | None = None) -> dict:
+    from exaconnect.precomputed.evaluate import segmentation_metrics
+
+    full = segmentation_metrics(segmentation, groundtruth)
+    labelled = segmentation_metrics(segmentation, groundtruth, ignore_segmentation_zero=True) \
+        if (segmentation > 0).any() else None
+    row = {"method": name, "vi": round(full["vi"], 4), "vi_split": round(full["vi_split"], 4),
+           "vi_merge": round(full["vi_merge"], 4), "adapted_rand_error": round(full["adapted_rand_error"], 4),
+           "segments": full["segments"], "unsegmented_fraction": round(float(np.mean(segmentation == 0)), 4)}
+    if labelled:
+        row["vi_on_labelled"] = round(labelled["vi"], 4)
+        row["adapted_rand_on_labelled"] = round(labelled["adapted_rand_error"], 4)
+    row.update(extra or {})
+    logging.info("%s", row)
+    return row
+
+
+def segment(model_path: str, image: np.ndarray) -> tuple[np.ndarray, dict]:
+    from exaconnect.ffn import load_model, segment_subvolume
+
+    predictor = load_model(model_path, device="cpu")
+    result = segment_subvolume(image, predictor)
+    return result.labels, {"network_evaluations": int(result.counters["network-evaluations"]),
+                           "seconds": round(result.counters["time-total-s"], 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/fib25-train")
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--finetune-minutes", type=float, default=8.0)
+    parser.add_argument("--crop", type=int, default=80, help="edge of the held-out evaluation cube")
+    parser.add_argument("--strategy", default="default")
+    parser.add_argument("--logical-cpus", type=int, default=0)
+    parser.add_argument("--skip", default="", help="comma list of: small,finetune,reference")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not FIB25.is_dir() or not Path(str(CHECKPOINT) + ".index").is_file():
+        print(json.dumps({"skipped": f"FIB-25 data or checkpoint absent under {SHARED}"}))
+        return 0
+    skip = set(filter(None, args.skip.split(",")))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"bench": "train_fib25", "split_z": SPLIT_Z, "crop": args.crop, "small_model": SMALL_MODEL}
+    image, labels = ingest(work)
+    if "small" not in skip:
+        t0 = time.time()
+        result, untrained = train_small(work, image, labels, args.minutes, args.strategy, args.logical_cpus)
+        report["small_training"] = {"steps": result.step, "minutes": round((time.time() - t0) / 60, 2),
+                                    "examples_per_second": round(result.examples_per_second, 2),
+                                    "last_loss": round(result.last_loss, 4), "validation": result.validation}
+    if "finetune" not in skip:
+        t0 = time.time()
+        tuned = finetune(work, image, labels, args.finetune_minutes)
+        report["finetuning"] = {"steps": tuned.step, "minutes": round((time.time() - t0) / 60, 2),
+                                "examples_per_second": round(tuned.examples_per_second, 3),
+                                "last_loss": round(tuned.last_loss, 4)}
+    _, img, gt = held_out_crop(image, labels, args.crop)
+    rows = [evaluate("untrained small FFN", *segment(str(work / "untrained"), img)[:1], gt)]
+    params = tuned_watershed(image, labels, args.crop)
+    rows.append(evaluate("watershed", watershed(img, **params), gt, {"params": params}))
+    if (work / "small" / "model").is_dir():
+        seg, info = segment(str(work / "small" / "model"), img)
+        rows.append(evaluate("trained small FFN", seg, gt, info))
+    if "reference" not in skip:
+        seg, info = segment(str(CHECKPOINT), img)
+        rows.append(evaluate("reference checkpoint", seg, gt, info))
+    if (work / "finetuned" / "model").is_dir():
+        seg, info = segment(str(work / "finetuned" / "model"), img)
+        rows.append(evaluate("fine-tuned reference", seg, gt, info))
+    report["held_out"] = rows
+    (work / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Choosing what each section is matched to, and the whole alignment in memory.
+
+`match_section` is the per-section decision the flow tasks make: match to the previous section;
+if that fails (blank, contrast-inverted, folded beyond use), try 2..`max_skip` back; if nothing
+matches at normal contrast, try the inverted section (reported as such); else give up on the
+section (reported), which the mesh stage then carries on its predecessor's mesh.
+
+`align_in_memory` runs flow -> blocks -> composition on an array, the same functions the queue
+stages call, for tests and small stacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from exaconnect.precomputed.align_coarse import CoarseConfig, estimate_translation
+from exaconnect.precomputed.align_flow import FlowConfig, FlowField, estimate_flow, section_mask
+from exaconnect.precomputed.align_mesh import (MeshConfig, SectionFlow, block_ranges, compose_blocks,
+                                               detrend_meshes, identity_mesh, solve_block)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    coarse: CoarseConfig = field(default_factory=CoarseConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    max_skip: int = 4
+    # A section with less texture than this (fraction of pixels) is blank / missing.
+    min_textured_fraction: float = 0.2
+    # A match needs this fraction of valid flow vectors; below it the pair is not trusted.
+    min_valid_fraction: float = 0.25
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AlignConfig":
+        return cls(flow=FlowConfig(**data.get("flow", {})), coarse=CoarseConfig(**data.get("coarse", {})),
+                   mesh=MeshConfig(**data.get("mesh", {})),
+                   **{k: v for k, v in data.items() if k not in ("flow", "coarse", "mesh")})
+
+
+@dataclass
+class MatchResult:
+    z: int
+    reference: int
+    status: str
+    field: FlowField | None
+    coarse_shift: tuple[float, float]
+    coarse_correlation: float
+    textured_fraction: float
+    tried: list[int]
+
+    def section_flow(self) -> SectionFlow:
+        return SectionFlow(self.z, self.reference, self.status,
+                           None if self.field is None else self.field.flow,
+                           None if self.field is None else self.field.valid,
+                           0 if self.field is None else self.field.stride)
+
+
+def match_section(sections: dict[int, np.ndarray], z: int, config: AlignConfig,
+                  masks: dict[int, np.ndarray] | None = None) -> MatchResult:
+    """Match section z to the nearest usable earlier section among `sections` (z-1 .. z-max_skip)."""
+    masks = masks if masks is not None else {}
+
+    def mask_of(k: int) -> np.ndarray:
+        if k not in masks:
+            masks[k] = section_mask(sections[k])
+        return masks[k]
+
+    image = sections[z].astype(np.float32)
+    textured = float(mask_of(z).mean())
+    if textured < config.min_textured_fraction:
+        return MatchResult(z, -1, "blank", None, (0.0, 0.0), 0.0, textured, [])
+    candidates = [k for k in range(z - 1, z - 1 - config.max_skip, -1) if k in sections]
+    if not candidates:
+        return MatchResult(z, -1, "first", None, (0.0, 0.0), 0.0, textured, [])
+    tried = []
+    for inverted in (False, True):
+        mov = (255.0 - image) if inverted else image
+        for k in candidates:
+            ref = sections[k].astype(np.float32)
+            if mask_of(k).mean() < config.min_textured_fraction:
+                continue
+            tried.append(-k - 1 if inverted else k)
+            coarse = estimate_translation(ref, mov, config.coarse, mask_of(k), mask_of(z))
+            if not coarse.ok(config.coarse):
+                continue
+            result = estimate_flow(ref, mov, coarse.shift, config.flow, mask_of(k), mask_of(z))
+            if result.valid_fraction >= config.min_valid_fraction:
+                status = "inverted" if inverted else ("ok" if k == z - 1 else f"skipped to {k}")
+                return MatchResult(z, k, status, result, coarse.shift, coarse.correlation, textured, tried)
+    return MatchResult(z, -1, "unmatched", None, (0.0, 0.0), 0.0, textured, tried)
+
+
+def finalize_meshes(block_meshes: list[tuple[int, dict[int, np.ndarray]]], section_shape: tuple[int, int],
+                    statuses: dict[int, str], config: MeshConfig) -> dict[int, np.ndarray]:
+    """Compose block solutions and remove what is common to the stack (MeshConfig.detrend)."""
+    meshes = compose_blocks(block_meshes, config.stride)
+    identity = identity_mesh(section_shape, config.stride)
+    usable = [z for z, s in statuses.items() if s not in ("blank", "unmatched")]
+    return detrend_meshes(meshes, identity, usable, config.detrend)
+
+
+def align_in_memory(stack: np.ndarray, config: AlignConfig) -> tuple[dict[int, np.ndarray], dict[int, MatchResult]]:
+    """Meshes for every section of a [z, y, x] stack, and the per-section match results."""
+    sections = {z: stack[z] for z in range(stack.shape[0])}
+    masks: dict[int, np.ndarray] = {}
+    matches = {z: match_section(sections, z, config, masks) for z in range(stack.shape[0])}
+    flows = {z: m.section_flow() for z, m in matches.items()}
+    shape = stack.shape[1:]
+    blocks = []
+    references = {z: m.reference for z, m in matches.items()}
+    statuses = {z: m.status for z, m in matches.items()}
+    for start, stop in block_ranges(stack.shape[0], config.mesh, references, statuses):
+        meshes, _ = solve_block(flows, start, stop, shape, config.mesh)
+        blocks.append((start, meshes))
+    return finalize_meshes(blocks, shape, statuses, config.mesh), matches

@@ -1,0 +1,105 @@
+"""Training as queue tasks: one FFN training run per task (hyperparameter sweeps), and the
+partition volume of a big label layer computed block by block.
+
+A training task carries its whole config as JSON (serializable, self-contained), trains
+into the config's out_dir and writes `result.json` there. A retried task (lease expired,
+node killed) resumes from the run's latest checkpoint, so set the worker lease above
+`training.checkpoint_every_seconds` and the run's time budget.
+
+The partition of a block depends only on labels within `lom_radius` of it, so blocks read
+that halo and write their own voxels into a uint8 image layer: the same values as the
+whole-volume computation, except that `min_size` counts an object's voxels inside the block
+and its halo only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from taskqueue import RegisteredTask
+
+from exaconnect.errors import InputError
+from exaconnect.precomputed.bbox import Box, chunk_grid
+from exaconnect.precomputed.layers import (
+    LayerSpec,
+    Provenance,
+    create_layer,
+    layer_bounds,
+    layer_url,
+    open_layer,
+    read_box,
+    write_box,
+)
+
+
+class TrainTask(RegisteredTask):
+    """Train one FFN configuration (a sweep point) and record its metrics."""
+
+    def __init__(self, config_json: str, name: str):
+        super().__init__(config_json, name)
+
+    def execute(self) -> None:
+        from exaconnect.ffn.train_config import train_config_from_dict
+        from exaconnect.ffn.train_loop import train
+        from exaconnect.ffn.train_sweep import write_result
+
+        config = train_config_from_dict(json.loads(self.config_json), f"train task {self.name}")
+        # Workers have no terminal; their progress is in metrics.jsonl and TensorBoard.
+        from dataclasses import replace
+
+        config = replace(config, training=replace(config.training, progress=False))
+        result = train(config)
+        write_result(config.training.out_dir, result, self.name)
+
+
+def create_sweep_tasks(sweep_path: str) -> list[TrainTask]:
+    from exaconnect.ffn.train_sweep import load_sweep
+
+    sweep = load_sweep(sweep_path)
+    return [TrainTask(json.dumps(point.config), point.name) for point in sweep.points]
+
+
+class PartitionTask(RegisteredTask):
+    """Partition values of one block of a label layer, written into a partition layer."""
+
+    def __init__(self, labels: str, dest: str, box: list[int], lom_radius_zyx: list[int], thresholds: list[float],
+                 min_size: int):
+        super().__init__(labels, dest, box, lom_radius_zyx, thresholds, min_size)
+
+    def execute(self) -> None:
+        from exaconnect.ffn.train_data import compute_partitions
+
+        labels_vol = open_layer(self.labels, layer_type="segmentation")
+        bounds = layer_bounds(labels_vol)
+        box = Box.from_list(self.box)
+        radius_xyz = list(reversed(self.lom_radius_zyx))
+        grown = box.grow(radius_xyz).intersection(bounds)
+        labels = read_box(labels_vol, grown)
+        parts = compute_partitions(labels, self.thresholds, self.lom_radius_zyx, int(self.min_size))
+        # Where the halo is cut by the volume's edge the box does not fit: no partition there,
+        # which compute_partitions already did for the grown block's own margin.
+        offset = [b - g for b, g in zip(box.start, grown.start)]
+        x0, y0, z0 = offset
+        sx, sy, sz = box.shape
+        write_box(open_layer(self.dest), box, parts[z0:z0 + sz, y0:y0 + sy, x0:x0 + sx])
+
+
+def create_partition_tasks(labels: str, dest: str, lom_radius_zyx, thresholds, min_size: int = 10000,
+                           block_size=(128, 128, 128), bbox: Box | None = None) -> list[PartitionTask]:
+    """Creates the partition layer (uint8 image, same geometry as `labels`) and one task per block."""
+    labels_vol = open_layer(labels, layer_type="segmentation")
+    bounds = layer_bounds(labels_vol)
+    box = bounds if bbox is None else bbox.intersection(bounds)
+    if box.empty():
+        raise InputError(f"bbox {bbox} does not intersect layer {labels} ({bounds})")
+    spec = LayerSpec(layer_type="image", dtype="uint8", size=tuple(bounds.shape),
+                     resolution=tuple(float(r) for r in labels_vol.meta.resolution(0)),
+                     voxel_offset=tuple(bounds.start), chunk_size=tuple(int(c) for c in block_size), encoding="raw")
+    provenance = Provenance(stage="train-partition", parameters={
+        "lom_radius_zyx": list(lom_radius_zyx), "thresholds": list(thresholds), "min_size": min_size},
+        inputs=[layer_url(labels)])
+    create_layer(dest, spec, provenance)
+    return [PartitionTask(layer_url(labels), layer_url(dest), cell.write.to_list(),
+                          [int(r) for r in lom_radius_zyx], [float(t) for t in thresholds], int(min_size))
+            for cell in chunk_grid(box, block_size, align_to=block_size, grid_origin=bounds.start)]

@@ -1,0 +1,176 @@
+"""The segment service end to end through real fq:// queues and spawned workers: FFN passes with
+a tiny network on the synthetic sample, stitch stages on independently labelled subvolumes,
+reruns after interruption, and completion markers guarding every staging file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from exaconnect.errors import LayerError
+from exaconnect.precomputed.bbox import Box
+from exaconnect.precomputed.evaluate import segmentation_metrics
+from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, open_layer, read_box, write_box
+from exaconnect.precomputed.stitching import MatchOptions, pack_ids
+from exaconnect.precomputed.synthetic import SyntheticSpec, synthetic_volume
+from exaconnect.services.segment_staging import (
+    PassSpec,
+    encode_labels,
+    get_complete,
+    is_complete,
+    labels_path,
+    load_run,
+    put_complete,
+    read_labels,
+)
+
+SHAPE = (48, 48, 48)  # z, y, x
+SUBVOLUME = (24, 24, 24)
+OVERLAP = (8, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segment")
+    image, labels = synthetic_volume(SyntheticSpec(shape=SHAPE, neurites=10, seed=2))
+    size = tuple(reversed(SHAPE))
+    vol = create_layer(str(root / "image"), LayerSpec("image", "uint8", size, (10.0, 10.0, 10.0), chunk_size=(8, 8, 8)),
+                       Provenance("test"))
+    write_box(vol, Box((0, 0, 0), size), image)
+    return root, image, labels
+
+
+@pytest.fixture(scope="module")
+def tiny_model(sample):
+    """A 2-module FFN with fixed random weights; its output is arbitrary but deterministic, which
+    is what the service's rerun and stitching guarantees are about."""
+    from exaconnect.ffn.checkpoint import save_network
+    from exaconnect.ffn.config import FFNConfig, InferenceOptions, ModelConfig
+    from exaconnect.ffn.model import ConvStack3D
+
+    root = sample[0]
+    config = ModelConfig(depth=2, fov_size=(9, 9, 9), deltas=(2, 2, 2), features=4)
+    model = ConvStack3D(config)
+    rng = np.random.default_rng(3)
+    weights, biases = model.numpy_weights()
+    model.assign({k: rng.normal(scale=0.3, size=v.shape) for k, v in weights.items()},
+                 {k: rng.normal(scale=0.1, size=v.shape) + (2.0 if k == "conv_lom" else 0.0) for k, v in biases.items()})
+    save_network(model, root / "tiny_ffn", FFNConfig(model=config, inference=InferenceOptions(min_segment_size=10)))
+    return str(root / "tiny_ffn")
+
+
+def test_ffn_passes_stitch_and_rerun_through_the_queue(sample, tiny_model):
+    from exaconnect.services.segment import SegmentTask
+    from exaconnect.services.segment_run import SegmentPlan, segment_volume
+    from exaconnect.services.stitch import StitchFacesTask, relabel_cell
+
+    root, _, _ = sample
+    passes = (PassSpec("initial", tiny_model),
+              PassSpec("refine", tiny_model, seed_order="reverse", consensus_with="initial"))
+    plan = SegmentPlan(str(root / "image"), str(root / "ffn_seg"), passes, SUBVOLUME, OVERLAP, downsample_mips=1)
+    # One in-process worker keeps this test quick; test_stitch_stages_... runs two processes.
+    run, times = segment_volume(plan, str(root / "queue_ffn"), workers=1)
+    assert times.tasks == {"segment-initial": 8, "segment-refine": 8, "stitch-faces": 8,
+                           "stitch-equivalence": 1, "stitch-relabel": 8, "downsample": 1}
+
+    seg = open_layer(run.segmentation_layer)
+    size = tuple(reversed(SHAPE))
+    out = read_box(seg, Box((0, 0, 0), size))
+    assert out.dtype == np.uint64 and (out != 0).any()
+    assert open_layer(run.segmentation_layer, mip=1).shape[:3] == (24, 24, 24)
+    for cell in run.grid.cells():
+        labels, box = relabel_cell(run, "refine", cell.index)
+        (x0, y0, z0), (x1, y1, z1) = box.start, box.stop
+        assert np.array_equal(out[z0:z1, y0:y1, x0:x1], labels)
+
+    # Consensus only ever splits: each refined object lies inside one initial object.
+    for cell in run.grid.cells():
+        first, _ = read_labels(run.staging, "initial", cell.index)
+        refined, _ = read_labels(run.staging, "refine", cell.index)
+        inside = refined != 0
+        pairs = np.unique(np.stack([refined[inside], first[inside]], 1), axis=0)
+        assert len(np.unique(pairs[:, 0])) == len(pairs) and (pairs[:, 1] != 0).all()
+
+    # An interrupted task (marker gone, file torn) is not read, and its rerun is identical.
+    index = [1, 0, 1]
+    path = labels_path("initial", index)
+    before = get_complete(run.staging, path)
+    from cloudfiles import CloudFiles
+
+    cf = CloudFiles(run.staging)
+    cf.delete(path + ".done")
+    cf.put(path, before[: len(before) // 2], compress=None, raw=True)
+    assert not is_complete(run.staging, path)
+    with pytest.raises(LayerError, match="not complete"):
+        StitchFacesTask(run.staging, "initial", [1, 0, 0]).execute()
+    SegmentTask(run.staging, "initial", index).execute()
+    assert get_complete(run.staging, path) == before
+
+
+def _write_pieces(run, labels: np.ndarray, seed: int = 0) -> None:
+    """Stand-in for the FFN stage: each cell's true labels, numbered independently."""
+    rng = np.random.default_rng(seed)
+    for cell in run.grid.cells():
+        (x0, y0, z0), (x1, y1, z1) = cell.read.start, cell.read.stop
+        part = labels[z0:z1, y0:y1, x0:x1]
+        ids = np.unique(part[part != 0])
+        lut = np.zeros(int(labels.max()) + 1, np.uint32)
+        lut[ids] = rng.permutation(len(ids)).astype(np.uint32) + 1
+        put_complete(run.staging, labels_path("truth", cell.index), encode_labels(lut[part], cell.read))
+
+
+def test_stitch_stages_through_the_queue_recover_the_truth(sample):
+    from exaconnect.services.segment import add_pass, prepare_run
+    from exaconnect.services.segment_run import run_stage
+    from exaconnect.services.stitch import create_equivalence_tasks, create_faces_tasks, create_relabel_tasks
+
+    root, _, labels = sample
+    run = prepare_run(str(root / "image"), str(root / "truth_seg"), SUBVOLUME, OVERLAP,
+                      match=MatchOptions(min_overlap_voxels=1), overwrite=True)
+    run = add_pass(run.staging, PassSpec("truth", "unused-model"))
+    _write_pieces(run, labels)
+    queue = str(root / "queue_stitch")
+    for name, make, workers in (("faces", create_faces_tasks, 2), ("equivalence", create_equivalence_tasks, 1),
+                                ("relabel", create_relabel_tasks, 1)):
+        run_stage(queue, name, make(run), workers=workers)
+    out = read_box(open_layer(run.segmentation_layer), Box((0, 0, 0), tuple(reversed(SHAPE))))
+    metrics = segmentation_metrics(out, labels)
+    assert metrics["vi_split"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["vi_merge"] == pytest.approx(0.0, abs=1e-9)
+    # Global IDs carry the task number of the object's smallest member.
+    assert out.max() >= pack_ids(np.array([1]), 0)[0]
+    assert load_run(run.staging).final_pass == "truth"
+
+
+def test_prepare_run_rejects_unaligned_geometry(sample):
+    from exaconnect.errors import InputError
+    from exaconnect.services.segment import prepare_run
+
+    root = sample[0]
+    with pytest.raises(InputError, match="--subvolume"):
+        prepare_run(str(root / "image"), str(root / "bad"), (20, 24, 24), OVERLAP)
+    with pytest.raises(InputError, match="--bbox"):
+        prepare_run(str(root / "image"), str(root / "bad"), SUBVOLUME, OVERLAP, bbox=Box((4, 0, 0), (48, 48, 48)))
+    with pytest.raises(InputError, match="--overlap"):
+        prepare_run(str(root / "image"), str(root / "bad"), SUBVOLUME, (24, 8, 8))
+
+
+def test_cli_stages_in_order(sample, tiny_model, capsys):
+    from exaconnect.cli import main
+
+    root = sample[0]
+    queue = str(root / "queue_cli")
+    image, out = str(root / "image"), str(root / "cli_seg")
+    common = ["--queue", queue]
+    assert main(["enqueue", "segment", image, out, "--model", tiny_model, "--subvolume", "24,24,24",
+                 "--overlap", "8,8,8", "--bbox", "0,0,0,48,48,24", *common]) == 0
+    assert "enqueued 4 segment tasks" in capsys.readouterr().out
+    for stage in (None, "segment-faces", "segment-equivalence", "segment-relabel"):
+        if stage:
+            assert main(["enqueue", stage, out, *common]) == 0
+        assert main(["worker", queue, "--exit-when-empty"]) == 0
+    assert main(["status", queue]) == 0
+    seg = read_box(open_layer(out, fill_missing=True), Box((0, 0, 0), (48, 48, 48)))
+    assert seg.any() and not seg[24:].any()  # only the --bbox half was written
+    assert main(["enqueue", "segment", image, out, "--model", tiny_model, "--subvolume", "20,24,24", *common]) == 2
+    assert "--subvolume" in capsys.readouterr().err

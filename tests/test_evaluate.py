@@ -73,3 +73,23 @@ def test_evaluate_cli_writes_json_and_png(tmp_path, shared_dir):
                  "--bbox", "0,0,0,64,64,64", "--out", str(out), "--ignore-segmentation-zero"]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["vi"] > 0 and out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_evaluate_cli_on_precomputed_layers(tmp_path, capsys):
+    from exaconnect.cli import main
+
+    gt = np.zeros((16, 32, 32), dtype=np.uint32)
+    gt[:, :, :16], gt[:, :, 16:] = 1, 2
+    seg = gt.copy()
+    seg[:8][seg[:8] == 1] = 5  # one split
+    for name, array in (("gt", gt), ("seg", seg)):
+        np.save(tmp_path / f"{name}.npy", array)
+        assert main(["ingest", str(tmp_path / f"{name}.npy"), str(tmp_path / name), "--resolution", "8,8,8",
+                     "--type", "segmentation", "--chunk-size", "16,16,16"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "seg"), str(tmp_path / "gt")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["vi_split"] == pytest.approx(0.5) and metrics["vi_merge"] == pytest.approx(0)
+    assert metrics["split_objects"] == 1
+    assert main(["evaluate", str(tmp_path / "seg"), str(tmp_path / "gt"), "--bbox", "0,0,0,32,32,8"]) == 0
+    assert json.loads(capsys.readouterr().out)["vi"] == pytest.approx(0)  # the split is above z=8

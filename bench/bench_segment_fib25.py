@@ -54,6 +54,24 @@ def stage_split(run, pass_name: str) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in totals.items()}
 
 
+def restitch(staging: str, queue: str, workers: int):
+    """Rerun faces, equivalence and relabel on finished FFN results."""
+    from cloudfiles import CloudFiles
+
+    from exaconnect.services.segment_run import StageTimes, run_stage
+    from exaconnect.services.segment_staging import load_run
+    from exaconnect.services.stitch import create_equivalence_tasks, create_faces_tasks, create_relabel_tasks
+
+    files = CloudFiles(staging)
+    files.delete([p for p in files.list() if p.startswith(("faces/", "equivalence/"))])
+    run = load_run(staging)
+    times = StageTimes()
+    for stage, make in (("stitch-faces", create_faces_tasks), ("stitch-equivalence", create_equivalence_tasks),
+                        ("stitch-relabel", create_relabel_tasks)):
+        times.seconds[stage], times.tasks[stage] = run_stage(queue, stage, make(run), workers)
+    return run, times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--crop", type=int, default=128)
@@ -61,7 +79,11 @@ def main() -> int:
     parser.add_argument("--overlap", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="keep layers and staging here (default: a temp dir)")
+    parser.add_argument("--restitch", action="store_true",
+                        help="keep the FFN results in --workdir, redo only the stitch stages (e.g. after changing matching)")
     args = parser.parse_args()
+    if args.restitch and not args.workdir:
+        parser.error("--restitch needs --workdir of an earlier run")
     if not Path(str(CHECKPOINT) + ".index").exists():
         print(json.dumps({"skipped": f"FFN checkpoint not found at {CHECKPOINT}"}))
         return 0
@@ -82,10 +104,13 @@ def main() -> int:
                                                        chunk_size=(32, 32, 32)), Provenance("bench"), overwrite=True)
     write_box(vol, box, image)
 
-    plan = SegmentPlan(str(work / "image"), str(work / "segmentation"), (PassSpec("initial", str(CHECKPOINT)),),
-                       subvolume=(sub, sub, sub), overlap=(ov, ov, ov), downsample_mips=1)
     started = time.perf_counter()
-    run, times = segment_volume(plan, str(work / "queue"), workers=args.workers)
+    if args.restitch:
+        run, times = restitch(str(work / "segmentation.staging"), str(work / "queue"), args.workers)
+    else:
+        plan = SegmentPlan(str(work / "image"), str(work / "segmentation"), (PassSpec("initial", str(CHECKPOINT)),),
+                           subvolume=(sub, sub, sub), overlap=(ov, ov, ov), downsample_mips=1)
+        run, times = segment_volume(plan, str(work / "queue"), workers=args.workers)
     total = time.perf_counter() - started
     stitched = read_box(open_layer(run.segmentation_layer), box)
     np.savez_compressed(work / "stitched.npz", segmentation=stitched)

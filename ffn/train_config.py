@@ -68,7 +68,9 @@ class VolumeSource:
     sections), or `synthetic:SEED` for the built-in sample. `bbox` is
     [x0, y0, z0, x1, y1, z1] in the layer's voxel coordinates (default: the whole volume);
     `resolution` (x, y, z) decides which axis permutations are valid augmentations (read from
-    the layer when it is a layer).
+    the layer when it is a layer). `partitions` optionally names a partition layer written by
+    `exaconnect train-partition` queue tasks (same grid as `labels`); without it the partition
+    volume is computed here and cached in `data.cache_dir`.
     """
 
     name: str
@@ -76,11 +78,14 @@ class VolumeSource:
     labels: str
     bbox: tuple[int, ...] | None = None
     resolution: tuple[float, float, float] | None = None
+    partitions: str | None = None
 
     def __post_init__(self) -> None:
         where = f"data.volumes[{self.name}]"
         if not isinstance(self.name, str) or not self.name:
             raise InputError("data.volumes[].name: expected a non-empty string")
+        if self.partitions is not None and (not isinstance(self.partitions, str) or not self.partitions):
+            raise InputError(f"{where}.partitions: expected a partition layer path/URL")
         for key in ("image", "labels"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise InputError(f"{where}.{key}: expected a layer path/URL or stack path")

@@ -184,8 +184,8 @@ def cached_partitions(source: VolumeSource, labels: np.ndarray, thresholds: Sequ
                       lom_radius_zyx: Sequence[int], min_size: int, cache_dir: str | Path) -> np.ndarray:
     """The partition volume of `source`, computed once and kept in `cache_dir/<key>/`.
 
-    A partition layer written by the `train-partition` queue tasks (see services/train.py) can
-    be used instead by pointing `cache_dir/<key>/partitions.npy` at nothing and passing it in.
+    For volumes too big for one node, the `train-partition` queue tasks (services/train.py)
+    write a partition layer instead, named by the volume's `partitions` option.
     """
     key = partition_cache_key(source, thresholds, lom_radius_zyx, min_size)
     folder = Path(cache_dir) / f"{source.name}-{key}"
@@ -292,7 +292,16 @@ def build_example_source(sources: Sequence[VolumeSource], shape_zyx: Sequence[in
     volumes, partitions = [], []
     for source in sources:
         volume = read_volume(source)
-        partitions.append(cached_partitions(source, volume.labels, thresholds, lom_radius_zyx, min_size, cache_dir))
+        if source.partitions:
+            # Computed by queue tasks for a big volume (services/train.py); read like the labels.
+            part, *_ = _read_layer(source.partitions, source.bbox)
+            if part.shape != volume.labels.shape:
+                raise InputError(f"volume {source.name}: partitions {source.partitions} have shape {part.shape}, "
+                                 f"labels {volume.labels.shape}")
+            partitions.append(part.astype(np.uint8))
+        else:
+            partitions.append(cached_partitions(source, volume.labels, thresholds, lom_radius_zyx, min_size,
+                                                cache_dir))
         volumes.append(volume)
         logger.info("training volume %s: shape %s, %d partitioned voxels", source.name, volume.labels.shape,
                     int((partitions[-1] > 0).sum()))

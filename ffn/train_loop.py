@@ -310,7 +310,6 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     from .train_monitor import MetricsLog, plot_metrics
 
     t = config.training
-    started = time.perf_counter()
     out_dir = Path(t.out_dir)
     strategy = strategy or make_strategy(t)
     chief = is_chief(strategy)
@@ -410,10 +409,13 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
                 bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{values['examples_per_second']:.2f}")
                 losses, window_start, window_steps = [], time.perf_counter(), 0
             if validation_source is not None and step % t.validation_every_steps == 0:
+                paused = time.perf_counter()
                 validation = validation_metrics(predict, validation_source, config, t.validation_examples)
                 log.write(step, "validation", validation)
                 if chief:
                     plot_metrics(out_dir)
+                # Throughput counts training only.
+                window_start += time.perf_counter() - paused
             now = time.perf_counter()
             if step % t.checkpoint_every_steps == 0 or agree(now - last_save_time >= t.checkpoint_every_seconds)[0]:
                 export()

@@ -34,17 +34,19 @@ class FlowConfig:
     stride: int = 40
     coarse_factor: int = 2
     # A correlation peak must stand out of its map (peak minus mean, in standard deviations of
-    # the map): random texture gives ~4-5, a real match on EM 10 and more.
-    min_peak_sharpness: float = 7.0
-    # First over second peak (the second searched outside `peak_exclusion` px of the first):
-    # SOFIMA uses 1.6; repetitive texture (or an inverted section) fails it.
-    min_peak_ratio: float = 1.3
+    # the map): unrelated or contrast-inverted patches give 2-4, neighbouring FIB-25 sections
+    # 5-10 with 64 px patches (more with larger ones).
+    min_peak_sharpness: float = 5.0
+    # First over second peak (the second searched outside `peak_exclusion` px of the first).
+    # SOFIMA uses 1.6 on its own (differently normalised) peaks; repetitive texture fails this.
+    min_peak_ratio: float = 1.1
     peak_exclusion: int = 3
     # A vector further than this from the median of its valid 3x3 neighbours is an outlier: the
     # smooth distortions of EM change by much less than a pixel between grid points.
     max_median_deviation: float = 2.0
-    # A patch whose reference or moving window is less than this textured is not matched.
-    min_patch_mask_fraction: float = 0.6
+    # A patch whose reference or moving window is less than this textured is not matched; just
+    # under a half, so that grid points on the section edge (half their patch outside) count.
+    min_patch_mask_fraction: float = 0.45
     refine_iterations: int = 1
 
     def __post_init__(self) -> None:
@@ -72,7 +74,7 @@ class FlowField:
 
 # ---------------------------------------------------------------- masks and images
 
-def section_mask(section: np.ndarray, min_local_std: float = 2.0, window: int = 9) -> np.ndarray:
+def section_mask(section: np.ndarray, min_local_std: float = 2.0, window: int = 5) -> np.ndarray:
     """Pixels worth matching: some local texture, and not the zero fill outside the imaged area.
 
     Blank sections, fill outside the field of view and folds (flat, dark bands) have almost no
@@ -84,7 +86,7 @@ def section_mask(section: np.ndarray, min_local_std: float = 2.0, window: int = 
     flat = (var <= min_local_std**2) | (image <= 0)
     # Grow the flat regions by the window: the edge of a fold or of the imaged area is itself
     # high-contrast, and matching it would pull patches onto the edge instead of the tissue.
-    flat = ndimage.binary_dilation(flat, iterations=window // 2 + 1)
+    flat = ndimage.binary_dilation(flat, iterations=window)
     return ~flat
 
 

@@ -62,6 +62,17 @@ class MatchResult:
                            0 if self.field is None else self.field.stride)
 
 
+def config_for_shape(section_shape: tuple[int, int], **mesh_options) -> AlignConfig:
+    """SOFIMA's 160 px patches every 40 px for sections of 640 px and more; smaller sections
+    (test crops, the 96 px demo sample) get patches of a quarter of the section, so that the
+    grid still has interior points, every quarter patch."""
+    side = min(section_shape)
+    patch = int(min(160, max(32, (side // 4) // 8 * 8)))
+    stride = patch // 4
+    return AlignConfig(flow=FlowConfig(patch_size=patch, stride=stride),
+                       mesh=MeshConfig(stride=stride, **mesh_options))
+
+
 def match_section(sections: dict[int, np.ndarray], z: int, config: AlignConfig,
                   masks: dict[int, np.ndarray] | None = None) -> MatchResult:
     """Match section z to the nearest usable earlier section among `sections` (z-1 .. z-max_skip)."""

@@ -237,7 +237,11 @@ def detrend_meshes(meshes: dict[int, np.ndarray], identity: np.ndarray, usable: 
     if mode == "linear" and len(zs) >= 3:
         zc = zs - zs.mean()
         slope = np.tensordot(zc, disp, axes=(0, 0)) / (zc @ zc)
-    return {z: m - mean - (z - zs.mean()) * slope for z, m in meshes.items()}
+    # The common part is removed in the *output* frame (every section's mesh evaluated at
+    # n - common(n)), not subtracted from the section positions: sections are rotated relative
+    # to each other, so one shift in section pixels would be a different shift in each output.
+    stride = int(identity[0, 1, 1] - identity[0, 0, 1]) if identity.shape[1] > 1 else 1
+    return {z: compose(identity - (mean + (z - zs.mean()) * slope), m, stride) for z, m in meshes.items()}
 
 
 def mesh_domain(section_shape: tuple[int, int], stride: int) -> tuple[int, int]:

@@ -49,11 +49,14 @@ def warp_region(source: np.ndarray, origin: tuple[int, int], positions: np.ndarr
     (those pixels are 0, the fill every reader of the layer treats as 'no data').
     """
     coords = [positions[..., 0] - origin[0], positions[..., 1] - origin[1]]
-    out = ndimage.map_coordinates(source.astype(np.float32), coords, order=order, mode="constant", cval=0.0)
+    # 'nearest' beyond the window: the window already holds every pixel a valid position needs,
+    # and positions outside the section are zeroed below.
+    out = ndimage.map_coordinates(source.astype(np.float32), coords, order=order, mode="nearest")
     shape = section_shape if section_shape is not None else (origin[0] + source.shape[0], origin[1] + source.shape[1])
+    eps = 1e-6  # interpolated positions land a rounding error off an exact edge
     valid = (
-        (positions[..., 0] >= 0) & (positions[..., 0] <= shape[0] - 1)
-        & (positions[..., 1] >= 0) & (positions[..., 1] <= shape[1] - 1)
+        (positions[..., 0] >= -eps) & (positions[..., 0] <= shape[0] - 1 + eps)
+        & (positions[..., 1] >= -eps) & (positions[..., 1] <= shape[1] - 1 + eps)
     )
     return np.where(valid, out, 0.0).astype(np.float32), valid
 

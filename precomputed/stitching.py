@@ -55,11 +55,13 @@ def unpack_task(global_ids: np.ndarray) -> np.ndarray:
 class MatchOptions:
     """When two objects of neighbouring subvolumes are the same object.
 
-    A pair is joined only if its shared voxels are at least `min_overlap_voxels` and more than
-    `min_fraction` of *each* object's voxels in the overlap region. With `min_fraction` >= 0.5
-    an object can match at most one partner per face, so a face can never merge two objects of
-    one subvolume: disagreement between the two runs leaves a split, never a merge (the same
-    preference the FFN's own overlap handling has).
+    A pair is joined only if each is the other's best partner in the overlap (most shared
+    voxels), and their shared voxels are at least `min_overlap_voxels` and more than
+    `min_fraction` of the smaller object's voxels in the overlap region. Mutual best partners
+    make the matching one-to-one, so a face never joins two objects of one subvolume: where the
+    two runs disagree (one merged what the other split), only the best-supported piece is joined
+    and the rest stays split, never a new merge (the FFN's own preference). The fraction of the
+    *smaller* object tolerates one run reaching further into the overlap than the other.
     """
 
     min_overlap_voxels: int = 100
@@ -68,11 +70,8 @@ class MatchOptions:
     def __post_init__(self) -> None:
         if int(self.min_overlap_voxels) < 1:
             raise InputError(f"min_overlap_voxels={self.min_overlap_voxels}: expected >= 1")
-        if not 0.5 <= float(self.min_fraction) < 1.0:
-            raise InputError(
-                f"min_fraction={self.min_fraction}: expected 0.5 <= min_fraction < 1 "
-                "(below 0.5 one object could be joined to two, a merge)"
-            )
+        if not 0.0 < float(self.min_fraction) < 1.0:
+            raise InputError(f"min_fraction={self.min_fraction}: expected 0 < min_fraction < 1")
 
 
 @dataclass(frozen=True)
@@ -111,11 +110,18 @@ def overlap_table(a: np.ndarray, b: np.ndarray) -> OverlapTable:
 
 def match_objects(table: OverlapTable, options: MatchOptions = MatchOptions()) -> np.ndarray:
     """Matched pairs [n, 2] uint64 (a_id, b_id) under `options`; see MatchOptions."""
-    keep = (
-        (table.counts >= options.min_overlap_voxels)
-        & (table.counts > options.min_fraction * table.a_sizes)
-        & (table.counts > options.min_fraction * table.b_sizes)
-    )
+    if len(table.counts) == 0:
+        return np.zeros((0, 2), np.uint64)
+    # Best partner of every a and every b: sort by count descending (ties: smaller IDs first,
+    # for a deterministic result), keep each ID's first row.
+    order = np.lexsort((table.b_ids, table.a_ids, -table.counts))
+    best_of_a = order[np.unique(table.a_ids[order], return_index=True)[1]]
+    best_of_b = order[np.unique(table.b_ids[order], return_index=True)[1]]
+    mutual = np.intersect1d(best_of_a, best_of_b)
+    counts = table.counts[mutual]
+    smaller = np.minimum(table.a_sizes[mutual], table.b_sizes[mutual])
+    keep = mutual[(counts >= options.min_overlap_voxels) & (counts > options.min_fraction * smaller)]
+    keep.sort()
     return np.stack([table.a_ids[keep], table.b_ids[keep]], axis=1).astype(np.uint64).reshape(-1, 2)
 
 

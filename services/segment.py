@@ -192,6 +192,14 @@ def add_pass(staging: str, spec: PassSpec) -> SegmentRun:
     run = load_run(staging)
     if spec.consensus_with:
         run.pass_spec(spec.consensus_with)
+    old = [p for p in run.passes if p.name == spec.name]
+    if old and old[0] != spec:
+        from cloudfiles import CloudFiles
+
+        # Same name, other settings: its finished files would be skipped as done work.
+        files = CloudFiles(run.staging)
+        for folder in ("labels", "faces", "equivalence"):
+            files.delete(list(files.list(prefix=f"{folder}/{spec.name}/")))
     passes = tuple(p for p in run.passes if p.name != spec.name) + (spec,)
     run = replace(run, passes=passes)
     save_run(run)

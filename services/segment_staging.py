@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -193,8 +193,8 @@ def put_complete(staging: str, path: str, data: bytes, info: dict[str, Any] | No
     cf = _files(staging)
     cf.delete(path + ".done")
     cf.put(path, data, compress=None, raw=True)
-    marker = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **(info or {})}
-    cf.put_json(path + ".done", marker)
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **(info or {})}
+    cf.put_json(path + ".done", record)
 
 
 def marker(staging: str, path: str) -> dict | None:
@@ -250,13 +250,7 @@ def read_array(staging: str, path: str, mmap: bool = False) -> np.ndarray:
             raise LayerError(f"{layer_url(staging)}/{path} is not complete (no .done marker)")
         array = np.load(f"{root}/{path}", mmap_mode="r")
         # A full hash would read the whole file; size is what a torn write changes.
-        import os
-
         if os.path.getsize(f"{root}/{path}") != done["bytes"]:
             raise LayerError(f"{layer_url(staging)}/{path} does not match its .done marker")
         return array
     return np.load(io.BytesIO(get_complete(staging, path)), allow_pickle=False)
-
-
-def json_dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)

@@ -174,3 +174,17 @@ def test_cli_stages_in_order(sample, tiny_model, capsys):
     assert seg.any() and not seg[24:].any()  # only the --bbox half was written
     assert main(["enqueue", "segment", image, out, "--model", tiny_model, "--subvolume", "20,24,24", *common]) == 2
     assert "--subvolume" in capsys.readouterr().err
+
+
+def test_redefining_a_pass_discards_its_finished_files(sample):
+    from exaconnect.services.segment import add_pass, prepare_run
+
+    root, _, labels = sample
+    run = prepare_run(str(root / "image"), str(root / "redefine"), SUBVOLUME, OVERLAP, overwrite=True)
+    run = add_pass(run.staging, PassSpec("truth", "model-a"))
+    _write_pieces(run, labels)
+    path = labels_path("truth", [0, 0, 0])
+    add_pass(run.staging, PassSpec("truth", "model-a"))  # unchanged: work is kept
+    assert is_complete(run.staging, path)
+    add_pass(run.staging, PassSpec("truth", "model-b"))
+    assert not is_complete(run.staging, path)

@@ -14,7 +14,6 @@ from exaconnect.precomputed.bbox import Box
 from exaconnect.precomputed.evaluate import segmentation_metrics
 from exaconnect.precomputed.stitching import (
     MatchOptions,
-    apply_equivalence,
     equivalence_from_edges,
     match_objects,
     objects_split_at_planes,
@@ -42,15 +41,27 @@ def test_pack_ids_are_unique_across_tasks_and_keep_background():
 
 
 def test_match_prefers_split_to_merge():
-    # Side a has one object where side b has two (a false merge in a, or a split in b):
-    # at most one of the two can be joined, never both.
+    # Side a has one object where side b has two (a false merge in a, or a split in b): only
+    # the better-supported piece is joined, never both.
     a = np.ones((4, 10, 10), np.uint64)
     b = np.ones((4, 10, 10), np.uint64)
     b[:, :, 6:] = 2
-    pairs = match_objects(overlap_table(a, b), MatchOptions(min_overlap_voxels=1))
-    assert pairs.tolist() == [[1, 1]]
-    b[:, :, 5:] = 2  # an even split: neither side holds more than half of a
-    assert len(match_objects(overlap_table(a, b), MatchOptions(min_overlap_voxels=1))) == 0
+    options = MatchOptions(min_overlap_voxels=1)
+    assert match_objects(overlap_table(a, b), options).tolist() == [[1, 1]]
+    assert match_objects(overlap_table(b, a), options).tolist() == [[1, 1]]
+    # Two objects on each side, crossed: every object has at most one partner.
+    a[:, 5:, :] = 2
+    pairs = match_objects(overlap_table(a, b), options)
+    assert len(np.unique(pairs[:, 0])) == len(pairs) == len(np.unique(pairs[:, 1]))
+
+
+def test_match_tolerates_one_side_reaching_further():
+    # b's object lies inside a's, which extends further into the overlap: same object.
+    a = np.zeros((4, 10, 10), np.uint64)
+    b = np.zeros((4, 10, 10), np.uint64)
+    a[:, :, :8] = 4
+    b[:, :, :3] = 3
+    assert match_objects(overlap_table(a, b), MatchOptions(min_overlap_voxels=1)).tolist() == [[4, 3]]
 
 
 def test_match_thresholds_and_validation():
@@ -60,8 +71,13 @@ def test_match_thresholds_and_validation():
     b[:, :5] = 4
     assert match_objects(overlap_table(a, b), MatchOptions(min_overlap_voxels=100)).tolist() == [[3, 4]]
     assert len(match_objects(overlap_table(a, b), MatchOptions(min_overlap_voxels=101))) == 0
+    b[:, 2:5] = 0  # 40 of a's 100 voxels shared: below half of the smaller object (b) is fine,
+    assert len(match_objects(overlap_table(a, b), MatchOptions(min_overlap_voxels=1, min_fraction=0.5))) == 1
+    b[:, :5] = 0
+    b[:, :2, :4] = 4  # 16 shared, b has 16 but a's best partner; fraction of smaller = 1
+    assert len(match_objects(overlap_table(a, b), MatchOptions(min_overlap_voxels=20))) == 0
     with pytest.raises(InputError, match="min_fraction"):
-        MatchOptions(min_fraction=0.3)
+        MatchOptions(min_fraction=1.0)
 
 
 def _union_find(edges: list[tuple[int, int]]) -> dict[int, int]:

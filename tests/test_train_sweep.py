@@ -115,3 +115,14 @@ def test_partition_tasks_equal_the_whole_volume_computation(tmp_path):
         task.execute()
     got = read_box(open_layer(str(tmp_path / "parts")), Box((0, 0, 0), (48, 48, 40)))
     np.testing.assert_array_equal(got, compute_partitions(labels, (0.2, 0.5, 0.8), (3, 4, 4)))
+    # Training reads that layer instead of computing partitions itself.
+    from exaconnect.ffn.train_config import VolumeSource
+    from exaconnect.ffn.train_data import build_example_source
+
+    source = VolumeSource("big", str(tmp_path / "seg"), str(tmp_path / "seg"), partitions=str(tmp_path / "parts"))
+    examples = build_example_source([source], (9, 9, 9), (3, 4, 4), (0.2, 0.5, 0.8), 0, 128.0, 33.0,
+                                    tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    computed = build_example_source([VolumeSource("big", str(tmp_path / "seg"), str(tmp_path / "seg"))], (9, 9, 9),
+                                    (3, 4, 4), (0.2, 0.5, 0.8), 0, 128.0, 33.0, tmp_path / "cache")
+    assert examples.sampler.counts() == computed.sampler.counts()

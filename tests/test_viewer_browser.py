@@ -7,7 +7,9 @@ The screenshot is checked pixel by pixel against what the data says it must show
   `segment_colors`, so a wrong segment, wrong section or missing image layer all fail);
 - the 3D panel shows shaded meshes in the colours of the selected bodies;
 - the task boxes appear in their state colours.
-The screenshot is kept as `artifacts/viewer_fib25.png`.
+The screenshots are kept as `artifacts/viewer_fib25.png` (served view with task boxes) and
+`artifacts/viewer_fib25_link.png` (a shareable link opened on the server).
+Data credit: FlyEM, HHMI Janelia Research Campus (FIB-25, CC BY).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from exaconnect.viewer.links import link
 from exaconnect.viewer.server import ViewerServer
 from exaconnect.viewer.tasks import STATE_COLORS, TaskBox, write_task_states
 
@@ -154,20 +157,57 @@ def _measure(shot: np.ndarray, rects: list[dict], state: dict, data) -> dict:
     }
 
 
-def _good(m: dict) -> bool:
+def _good(m: dict, boxes: bool) -> bool:
     return (
         m["segment_match"] >= 0.9
         and m["em_match"] >= 0.9
         and m["texture"] >= 0.5
         and m["mesh_fraction"] >= 0.1
         and m["mesh_hues"] >= 3
-        and min(m["boxes"].values()) >= 50
+        and (not boxes or min(m["boxes"].values()) >= 50)
     )
 
 
-def test_fib25_image_segments_and_meshes_render(viewer_fib25_layers, viewer_browser, tmp_path: Path) -> None:
+def _render(browser, url: str, state: dict, data, artifact: str, boxes: bool) -> tuple[dict, list[str], list[dict]]:
+    """Open `url`, screenshot until the panels show what they must (or time out); keep the last shot."""
     import imageio.v3 as iio
 
+    browser.get(url)
+    deadline = time.monotonic() + RENDER_TIMEOUT_S
+    metrics: dict = {}
+    png = b""
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        rects = _panel_rects(browser)
+        if len(rects) < 2:
+            continue
+        png = browser.get_screenshot_as_png()
+        metrics = _measure(iio.imread(png, extension=".png"), rects, state, data)
+        if _good(metrics, boxes):
+            break
+    if png:
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / artifact).write_bytes(png)
+    layer_names = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.neuroglancer-layer-item-label')).map(e => e.textContent);"
+    )
+    console = browser.get_log("browser")
+    print(f"{artifact} metrics:", metrics)
+    for entry in console:
+        print("console:", entry.get("level"), entry.get("message", "")[:500])
+    return metrics, layer_names, console
+
+
+def _assert_shows_em_segments_and_meshes(metrics: dict) -> None:
+    assert metrics, "neuroglancer never laid out its two panels"
+    assert metrics["samples"] >= 20, metrics
+    assert metrics["texture"] >= 0.5, f"cross-section shows no EM texture: {metrics}"
+    assert metrics["em_match"] >= 0.9, f"EM outside the selected bodies differs from the data: {metrics}"
+    assert metrics["segment_match"] >= 0.9, f"body colours over EM differ from neuroglancer's: {metrics}"
+    assert metrics["mesh_fraction"] >= 0.1 and metrics["mesh_hues"] >= 3, f"3D panel shows no meshes: {metrics}"
+
+
+def test_served_viewer_shows_em_segments_meshes_and_task_boxes(viewer_fib25_layers, viewer_browser, tmp_path: Path) -> None:
     tasks_file = tmp_path / "tasks.json"
     write_task_states(
         tasks_file,
@@ -179,38 +219,21 @@ def test_fib25_image_segments_and_meshes_render(viewer_fib25_layers, viewer_brow
     )
     data = viewer_fib25_layers
     with ViewerServer([str(data.image), str(data.segmentation)], tasks_file=tasks_file) as server:
-        import neuroglancer
-
-        state = neuroglancer.parse_url(server.link).to_json()
-        viewer_browser.get(server.url)
-        deadline = time.monotonic() + RENDER_TIMEOUT_S
-        metrics: dict = {}
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
-            rects = _panel_rects(viewer_browser)
-            if len(rects) < 2:
-                continue
-            png = viewer_browser.get_screenshot_as_png()
-            shot = iio.imread(png, extension=".png")
-            metrics = _measure(shot, rects, state, data)
-            if _good(metrics):
-                break
-        ARTIFACTS.mkdir(exist_ok=True)
-        if metrics:
-            (ARTIFACTS / "viewer_fib25.png").write_bytes(png)
-        layer_names = viewer_browser.execute_script(
-            "return Array.from(document.querySelectorAll('.neuroglancer-layer-item-label')).map(e => e.textContent);"
-        )
-        console = viewer_browser.get_log("browser")
-
-    print("screenshot metrics:", metrics)
-    for entry in console:
-        print("console:", entry.get("level"), entry.get("message", "")[:500])
-    assert metrics, "neuroglancer never laid out its two panels"
+        metrics, layer_names, _ = _render(viewer_browser, server.url, server.state, data, "viewer_fib25.png", boxes=True)
     assert layer_names == ["fib25_image", "fib25_groundtruth", "tasks"], layer_names
-    assert metrics["samples"] >= 20, metrics
-    assert metrics["texture"] >= 0.5, f"cross-section shows no EM texture: {metrics}"
-    assert metrics["em_match"] >= 0.9, f"EM outside the selected bodies differs from the data: {metrics}"
-    assert metrics["segment_match"] >= 0.9, f"body colours over EM differ from neuroglancer's: {metrics}"
-    assert metrics["mesh_fraction"] >= 0.1 and metrics["mesh_hues"] >= 3, f"3D panel shows no meshes: {metrics}"
+    _assert_shows_em_segments_and_meshes(metrics)
     assert min(metrics["boxes"].values()) >= 50, f"task boxes missing: {metrics}"
+
+
+def test_shareable_link_opens_on_the_view_server(viewer_fib25_layers, viewer_browser) -> None:
+    """`exaconnect link` output (state in the fragment) opened on a running `exaconnect view`."""
+    import neuroglancer
+
+    data = viewer_fib25_layers
+    with ViewerServer([str(data.image), str(data.segmentation)]) as server:
+        url = link([str(data.image), str(data.segmentation)], server=server.origin)
+        assert url.startswith(f"{server.origin}/v/exaconnect/#!")
+        state = neuroglancer.parse_url(url).to_json()
+        metrics, layer_names, _ = _render(viewer_browser, url, state, data, "viewer_fib25_link.png", boxes=False)
+    assert layer_names == ["fib25_image", "fib25_groundtruth"], layer_names
+    _assert_shows_em_segments_and_meshes(metrics)

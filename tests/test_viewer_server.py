@@ -82,6 +82,21 @@ def test_gzip_chunk_is_decoded_for_a_client_without_gzip(server: ViewerServer) -
     assert status == 200 and "content-encoding" not in headers and len(body) == 32**3
 
 
+def test_brotli_file_is_decoded_unless_the_client_accepts_br(server: ViewerServer, layer: Path) -> None:
+    import brotli
+
+    payload = bytes(range(256)) * 8
+    path = layer / "10_10_10" / "extra.br"
+    path.write_bytes(brotli.compress(payload))
+    try:
+        status, headers, body = get(server, "/data/em/10_10_10/extra", {"Accept-Encoding": "gzip"})
+        assert status == 200 and "content-encoding" not in headers and body == payload
+        status, headers, body = get(server, "/data/em/10_10_10/extra", {"Accept-Encoding": "gzip, br"})
+        assert status == 200 and headers["content-encoding"] == "br" and brotli.decompress(body) == payload
+    finally:
+        path.unlink()
+
+
 def test_info_is_json(server: ViewerServer) -> None:
     status, headers, body = get(server, "/data/em/info")
     assert status == 200 and headers["content-type"] == "application/json"
@@ -126,6 +141,10 @@ def test_only_given_roots_and_no_listings(server: ViewerServer) -> None:
     assert get(server, "/etc/passwd")[0] == 404
 
 
+def test_view_changes_posted_by_the_client_are_declined(server: ViewerServer) -> None:
+    assert get(server, "/state/exaconnect", method="POST")[0] == 412
+
+
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
 def test_read_only(server: ViewerServer, layer: Path, method: str) -> None:
     before = (layer / "info").read_bytes()
@@ -166,20 +185,41 @@ def test_bundled_client_is_served(server: ViewerServer) -> None:
         assert status == 200 and headers["content-type"] == "application/javascript"
 
 
-def test_event_stream_for_the_bundled_client(server: ViewerServer) -> None:
+def _first_event(server: ViewerServer, headers: dict | None = None, query: str = "?c=1&gc=&gs=") -> dict:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
-        connection.request("GET", "/events/exaconnect")
+        connection.request("GET", f"/events/exaconnect{query}", headers=headers or {})
         response = connection.getresponse()
         assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
-        assert response.fp.readline().startswith(b":")  # a comment: nothing to sync, stay connected
+        line = response.fp.readline()
+        if line.startswith(b":"):
+            return {}  # a comment: no state asked for
+        assert line.startswith(b"data: ")
+        return json.loads(line[len(b"data: ") :])
     finally:
         connection.close()
 
 
-def test_root_redirects_to_the_viewer_state(server: ViewerServer) -> None:
+def test_event_stream_carries_the_state_for_the_bundled_client(server: ViewerServer) -> None:
+    # The first event is the whole viewer state, for a client opened without a URL fragment.
+    message = _first_event(server)
+    assert message["k"] == "s" and message["s"] == server.state
+    assert message["s"]["layers"][0]["source"][0]["url"] == f"precomputed://{server.origin}/data/em"
+    # A client opened on a link (state in the fragment) does not ask for the state.
+    assert _first_event(server, query="?c=1&gc=") == {}
+
+
+def test_event_stream_names_data_by_the_host_the_browser_used(server: ViewerServer) -> None:
+    remote = _first_event(server, {"Host": "em-server.lab:8765"})["s"]
+    assert remote["layers"][0]["source"][0]["url"] == "precomputed://http://em-server.lab:8765/data/em"
+    assert remote["layers"][-1]["source"][0]["url"] == "precomputed://http://em-server.lab:8765/tasks"
+    odd = _first_event(server, {"Host": 'x"/><script>:1'})["s"]  # not a host: left alone
+    assert odd == server.state
+
+
+def test_root_redirects_to_the_client_and_the_link_holds_the_state(server: ViewerServer) -> None:
     status, headers, _ = get(server, "/")
-    assert status == 302 and headers["location"] == server.link
+    assert status == 302 and headers["location"] == "/v/exaconnect/"
     assert server.link.startswith(f"{server.origin}/v/exaconnect/#!")
     state = json.loads(urllib.parse.unquote(server.link.split("#!", 1)[1]))
     assert state["layers"][0]["source"][0]["url"] == f"precomputed://{server.origin}/data/em"
@@ -215,7 +255,7 @@ def test_token_is_enforced(layer: Path) -> None:
         assert get(server, "/data/em/info", {"Cookie": f"{TOKEN_COOKIE}={token}"})[0] == 200
         assert get(server, "/data/em/info", {TOKEN_HEADER: token})[0] == 200
         assert get(server, "/data/em/info", {"Authorization": f"Bearer {token}"})[0] == 200
-        assert f"?token={token}#!" in server.url
+        assert server.url == f"{server.origin}/v/exaconnect/?token={token}"
         # Even with the token, escapes stay refused.
         assert get(server, f"/data/em/../secret.txt?token={token}")[0] in (403, 404)
 

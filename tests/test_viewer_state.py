@@ -65,6 +65,22 @@ def test_kinds_from_info_and_provenance_stage(tmp_path: Path) -> None:
     assert state["layout"] == "xy" and state["showSlices"] is True
 
 
+def test_multichannel_image_gets_one_invlerp_per_channel(tmp_path: Path) -> None:
+    vol = create_layer(
+        str(tmp_path / "rgb"),
+        LayerSpec("image", "uint8", (8, 8, 8), chunk_size=(8, 8, 8), num_channels=3),
+        Provenance(stage="ingest"),
+    )
+    data = np.zeros((8, 8, 8, 3), dtype=np.uint8)
+    data[..., 0], data[..., 1], data[..., 2] = 10, 20, 30
+    data[0, 0, 0] = (0, 0, 0)
+    vol[:, :, :] = data
+    (layer,) = build_state([str(tmp_path / "rgb")])["layers"]
+    assert "invlerp red(channel=0)" in layer["shader"] and "invlerp blue(channel=2)" in layer["shader"]
+    assert layer["shaderControls"]["green"] == {"range": [20.0, 21.0], "channel": [1]}
+    assert neuroglancer.ViewerState({"layers": [dict(layer, name="rgb")]}).layers[0].type == "image"
+
+
 def test_link_puts_the_state_in_the_fragment(viewer_fib25_layers) -> None:
     data = viewer_fib25_layers
     url = link([str(data.image), str(data.segmentation)])

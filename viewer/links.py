@@ -12,10 +12,10 @@ from exaconnect.viewer.roots import (
     DEFAULT_BIND,
     DEFAULT_PORT,
     PUBLIC_CLIENT_URL,
-    TASKS_PREFIX,
     client_url,
     server_url,
     source_resolver,
+    tasks_source,
 )
 from exaconnect.viewer.state import viewer_state
 
@@ -41,8 +41,7 @@ def state_link(
         # which also serves the client, so send the user there.
         base_url = client_url(origin) if any(layer.is_local for layer in layers) else PUBLIC_CLIENT_URL
     base_url = check_base_url(base_url)
-    tasks_source = f"precomputed://{origin}{TASKS_PREFIX.rstrip('/')}" if tasks else None
-    state = viewer_state(layers, source_resolver(layers, origin), tasks_source, statistics)
+    state = viewer_state(layers, source_resolver(layers, origin), tasks_source(origin) if tasks else None, statistics)
     return neuroglancer.to_url(state, prefix=base_url)
 
 

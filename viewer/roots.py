@@ -52,6 +52,11 @@ def client_url(origin: str) -> str:
     return f"{origin.rstrip('/')}/v/{CLIENT_SESSION}/"
 
 
+def tasks_source(origin: str) -> str:
+    """The precomputed annotation source under which the server publishes the task boxes."""
+    return f"precomputed://{origin.rstrip('/')}{TASKS_PREFIX.rstrip('/')}"
+
+
 def local_roots(layers: Sequence[LayerInfo]) -> dict[str, Path]:
     """Root name -> directory for the local layers among `layers` (remote ones need no server)."""
     return root_names([layer.local_path for layer in layers if layer.local_path is not None])

@@ -1,7 +1,7 @@
 """One local HTTP server for the neuroglancer client, local precomputed layers and live task boxes.
 
 Routes (GET/HEAD only; everything else is 405):
-  /                       redirect to the client with the state of the served layers
+  /                       redirect to the client (which then gets the state of the served layers)
   /v/exaconnect/<file>    the neuroglancer client bundled in the `neuroglancer` package (no internet)
   /events/exaconnect      a silent event stream: the bundled client expects its Python server there
   /data/<root>/<path>     files of the layer directories given, read-only (see `safepath`)
@@ -15,10 +15,13 @@ chunk that was missing (404, which neuroglancer draws as empty) may appear later
 from __future__ import annotations
 
 import hmac
+import json
 import http.cookies
 import importlib.resources
 import os
+import re
 import secrets
+import socket
 import sys
 import threading
 import urllib.parse
@@ -28,10 +31,12 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import neuroglancer
+
 from exaconnect.errors import ExaconnectError, InputError
 from exaconnect.viewer import http_files, tasks
 from exaconnect.viewer.layers import LayerInfo, inspect_layer
-from exaconnect.viewer.links import state_link
+from exaconnect.viewer.state import to_dict, viewer_state
 from exaconnect.viewer.roots import (
     CLIENT_SESSION,
     DATA_PREFIX,
@@ -40,6 +45,8 @@ from exaconnect.viewer.roots import (
     client_url,
     local_roots,
     server_url,
+    source_resolver,
+    tasks_source,
 )
 from exaconnect.viewer.safepath import PathMissing, PathRefused, resolve_file, split_request_path
 
@@ -48,6 +55,8 @@ TOKEN_HEADER = "X-Exaconnect-Token"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # How often the silent event stream writes a comment, so a dead browser tab frees its thread.
 _KEEPALIVE_S = 15.0
+# A Host header that may be written into a URL: a name or address and a port, nothing else.
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+:\d+$|^\[[0-9A-Fa-f:.]+\]:\d+$")
 
 
 def client_dir() -> Path:
@@ -72,13 +81,16 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], config: ServerConfig, stopping: threading.Event, state_url: list[str]):
+    def __init__(self, address: tuple[str, int], config: ServerConfig, stopping: threading.Event):
+        self.bind_address = address[0]
         if ":" in address[0]:
-            self.address_family = __import__("socket").AF_INET6
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.config = config
         self.stopping = stopping
-        self.state_url = state_url  # filled once the port is known
+        # The viewer state as JSON text; it names the server's own origin, so it is set once
+        # the socket is bound (and the port known).
+        self.state_json = ""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -152,9 +164,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _not_allowed(self) -> None:
+        self.close_connection = True  # the request body is not read
         self._error(HTTPStatus.METHOD_NOT_ALLOWED, {"Allow": "GET, HEAD, OPTIONS"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed
+    def do_POST(self) -> None:
+        if self.path.partition("?")[0] == f"/state/{CLIENT_SESSION}":
+            # The bundled client reports each view change here; 412 ("the server's state is
+            # newer") is the answer it drops silently, and nothing is stored.
+            self.close_connection = True
+            self._error(HTTPStatus.PRECONDITION_FAILED)
+            return
+        self._not_allowed()
+
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -167,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> None:
         raw_path, _, raw_query = self.path.partition("?")
-        query = urllib.parse.parse_qs(raw_query)
+        query = urllib.parse.parse_qs(raw_query, keep_blank_values=True)
         ok, cookie = self._authorised(query)
         if not ok:
             self._error(HTTPStatus.FORBIDDEN)
@@ -175,12 +197,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             parts = split_request_path(raw_path)
             if not parts:
-                self._send(HTTPStatus.FOUND, b"", headers={"Location": self.server.state_url[0], **cookie})
+                location = f"/v/{CLIENT_SESSION}/"  # the state follows on the event stream
+                self._send(HTTPStatus.FOUND, b"", headers={"Location": location, **cookie})
             elif parts[:2] == ["v", CLIENT_SESSION]:
                 name = parts[2:] or ["index.html"]
                 self._file(self.server.config.client, name, cookie)
             elif parts == ["events", CLIENT_SESSION]:
-                self._event_stream()
+                self._event_stream(wants_state="gs" in query)
             elif parts[0] == DATA_PREFIX.strip("/") and len(parts) >= 2 and parts[1] in self.server.config.roots:
                 self._file(self.server.config.roots[parts[1]], parts[2:], cookie)
             elif parts[0] == TASKS_PREFIX.strip("/") and self.server.config.tasks_file is not None:
@@ -222,8 +245,6 @@ class _Handler(BaseHTTPRequestHandler):
         config = self.server.config
         states = tasks.read_task_states(config.tasks_file)  # type: ignore[arg-type]
         if parts == ["info"]:
-            import json
-
             info = tasks.annotation_info(states, config.tasks_resolution)
             self._send(HTTPStatus.OK, json.dumps(info).encode(), "application/json")
         elif parts == ["spatial0", "0_0_0"]:
@@ -237,10 +258,28 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(HTTPStatus.NOT_FOUND)
 
-    def _event_stream(self) -> None:
-        # The bundled client syncs its state with a Python server through this stream and shows
-        # "Disconnected from Python server" while it is down; the state lives in the URL here,
-        # so the stream stays open and silent.
+    def _state_message(self) -> bytes:
+        """The state event, its data URLs rewritten to the host the browser reached us by.
+
+        Behind `--bind 0.0.0.0` a browser on another machine must fetch chunks from this
+        machine's name, not from its own 127.0.0.1.
+        """
+        text = self.server.state_json
+        host = self.headers.get("Host", "")
+        if _HOST.match(host):
+            own = f"precomputed://{server_url(self.server.bind_address, self.server.server_address[1])}/"
+            text = text.replace(json.dumps(own)[1:-1], json.dumps(f"precomputed://http://{host}/")[1:-1])
+        return f"data: {{\"k\": \"s\", \"g\": \"1\", \"s\": {text}}}\n\n".encode()
+
+    def _event_stream(self, wants_state: bool) -> None:
+        # The bundled client syncs its state with a Python server through this stream (and shows
+        # "Disconnected from Python server" while it is down). Opened without a URL fragment, it
+        # asks for the state (`gs=` in the query) and takes it from the first message; with a
+        # fragment it does not, and gets only keep-alive comments.
+        # Loading the state this way, after the page has started, also avoids a neuroglancer
+        # start-up race: restoring a fragment with an annotation layer while the page is still
+        # loading on a busy machine sometimes drops the first layer ("Cannot read properties of
+        # undefined (reading 'length')").
         self.send_response(HTTPStatus.OK)
         self._common_headers()
         self.send_header("Content-Type", "text/event-stream")
@@ -248,7 +287,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if self.command == "HEAD":
             return
-        self.wfile.write(b": exaconnect\n\n")
+        self.wfile.write(self._state_message() if wants_state else b": exaconnect\n\n")
         self.wfile.flush()
         while not self.server.stopping.wait(_KEEPALIVE_S):
             self.wfile.write(b": keepalive\n\n")
@@ -287,28 +326,32 @@ class ViewerServer:
             quiet=quiet,
         )
         self.stopping = threading.Event()
-        self._state_url: list[str] = [""]
         try:
-            self._httpd = _Server((bind, port), config, self.stopping, self._state_url)
+            self._httpd = _Server((bind, port), config, self.stopping)
         except OSError as exc:
             raise InputError(f"cannot listen on {bind}:{port} ({exc}); expected a free port (--port) and a local address (--bind)") from exc
         self.config = config
         self.bind = bind
         self.port = int(self._httpd.server_address[1])
         self.origin = server_url(bind, self.port)
-        self.link = state_link(
-            infos, base_url=client_url(self.origin), origin=self.origin, tasks=tasks_file is not None, statistics=statistics
+        state = viewer_state(
+            infos,
+            source_resolver(infos, self.origin),
+            tasks_source(self.origin) if tasks_file is not None else None,
+            statistics,
         )
-        self._state_url[0] = self.link
+        self.state = to_dict(state)
+        self.link = neuroglancer.to_url(state, prefix=client_url(self.origin))
+        self._httpd.state_json = json.dumps(self.state)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        """The link to open: the client, the token (when required) and the state fragment."""
+        """The URL to open: the client (and the token when one is required); the state comes from the server."""
+        base = client_url(self.origin)
         if self.config.token is None:
-            return self.link
-        base, _, fragment = self.link.partition("#")
-        return f"{base}?token={urllib.parse.quote(self.config.token)}#{fragment}"
+            return base
+        return f"{base}?token={urllib.parse.quote(self.config.token)}"
 
     def start(self) -> "ViewerServer":
         """Serve in a background thread (for tests and notebooks)."""
@@ -344,6 +387,7 @@ def serve(
     server = ViewerServer(layers, port=port, bind=bind, token=token, tasks_file=tasks_file)
     print(f"exaconnect viewer on {server.origin} serving {', '.join(server.config.roots) or 'no local layers'}")
     print(server.url, flush=True)
+    print(f"shareable link (state in the URL): {server.link}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

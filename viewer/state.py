@@ -16,7 +16,7 @@ import neuroglancer
 from exaconnect.errors import InputError
 from exaconnect.viewer import layers as kinds
 from exaconnect.viewer.layers import LayerInfo, inspect_layer
-from exaconnect.viewer.roots import DEFAULT_PORT, TASKS_PREFIX, server_url, source_resolver
+from exaconnect.viewer.roots import DEFAULT_PORT, server_url, source_resolver, tasks_source
 from exaconnect.viewer.stats import frequent_segments, intensity_range, sample_center
 from exaconnect.viewer.tasks import ANNOTATION_SHADER
 
@@ -101,10 +101,11 @@ def _unique_name(name: str, taken: set[str]) -> str:
 def viewer_state(
     layers: Sequence[LayerInfo],
     source_url: SourceUrl = remote_source,
-    tasks_source: str | None = None,
+    tasks: str | None = None,
     statistics: bool = True,
 ) -> neuroglancer.ViewerState:
-    """A ViewerState for inspected layers; `source_url` says where the browser fetches each."""
+    """A ViewerState for inspected layers; `source_url` says where the browser fetches each,
+    `tasks` is the annotation source of the task boxes (none if None)."""
     if not layers:
         raise InputError("no layers given; expected at least one layer path or URL")
     first = layers[0]
@@ -116,10 +117,10 @@ def viewer_state(
         state.layers.append(
             name=_unique_name(layer.name, taken), layer=layer_state(layer, source_url(layer), statistics)
         )
-    if tasks_source is not None:
+    if tasks is not None:
         state.layers.append(
             name=_unique_name("tasks", taken),
-            layer=neuroglancer.AnnotationLayer(source=tasks_source, shader=ANNOTATION_SHADER),
+            layer=neuroglancer.AnnotationLayer(source=tasks, shader=ANNOTATION_SHADER),
         )
     extent = first.size
     # The centre voxel's centre (neuroglancer puts voxel i at [i, i+1)); a position on a voxel
@@ -130,7 +131,7 @@ def viewer_state(
     # An oblique 3D view (about 30 degrees off each axis) shows meshes as solids, not outlines.
     state.projection_orientation = _OBLIQUE
     has_segmentation = any(layer.kind == kinds.SEGMENTATION for layer in layers)
-    state.layout = "xy-3d" if has_segmentation or tasks_source else "xy"
+    state.layout = "xy-3d" if has_segmentation or tasks else "xy"
     # Image slices drawn into the 3D panel would hide the meshes behind an opaque plane.
     state.show_slices = not has_segmentation
     return state
@@ -155,5 +156,4 @@ def build_state(
     """
     infos = [inspect_layer(layer) for layer in layers]
     origin = server or server_url("127.0.0.1", DEFAULT_PORT)
-    tasks_source = f"precomputed://{origin.rstrip('/')}{TASKS_PREFIX.rstrip('/')}" if tasks else None
-    return to_dict(viewer_state(infos, source_resolver(infos, origin), tasks_source, statistics))
+    return to_dict(viewer_state(infos, source_resolver(infos, origin), tasks_source(origin) if tasks else None, statistics))

@@ -48,6 +48,51 @@ class _StopRequested(Exception):
     pass
 
 
+def task_box(task) -> list[int] | None:
+    """The mip-0 box a task works on, when it says: our tasks through `box()`, igneous's through
+    their `offset` and `shape` fields. Used only to show progress in the viewer."""
+    if hasattr(task, "box") and callable(task.box):
+        box = task.box()
+        return None if box is None else list(box.to_list())
+    payload = task.payload()
+    fields = payload[2] if isinstance(payload, list) and len(payload) > 2 else payload
+    if isinstance(fields, dict) and "offset" in fields and "shape" in fields:
+        try:
+            offset = [int(v) for v in fields["offset"]][:3]
+            shape = [int(v) for v in fields["shape"]][:3]
+        except (TypeError, ValueError):
+            return None
+        if fields.get("mip", 0) not in (0, None):
+            return None  # boxes of higher mips are in other coordinates
+        return offset + [o + s for o, s in zip(offset, shape)]
+    return None
+
+
+class TaskBoxes:
+    """Per-task state files under QUEUE/boxes/ for `exaconnect view --tasks QUEUE/boxes`."""
+
+    def __init__(self, root) -> None:
+        from pathlib import Path
+
+        self.root = Path(root) / "boxes"
+
+    def mark(self, task, state: str) -> None:
+        import json
+        import os
+
+        try:
+            box = task_box(task)
+        except Exception:
+            box = None
+        if box is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"{task.id}.json"
+        tmp = self.root / f".{task.id}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"bbox": box, "state": state}))
+        os.replace(tmp, final)
+
+
 class Worker:
     def __init__(self, queue: str, options: WorkerOptions) -> None:
         self.queue_spec = queue
@@ -70,6 +115,7 @@ class Worker:
         register_task_types(self.options.task_modules)
         tq = open_queue(self.queue_spec, create=False)
         ledger = FailureLedger.for_queue(self.queue_spec, self.options.ledger_dir)
+        self.boxes = TaskBoxes(ledger.root)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while not self.stopping:
@@ -104,6 +150,7 @@ class Worker:
         started = time.time()
         self._interruptible = True
         done = threading.Event()
+        self.boxes.mark(task, "running")
         if self.options.lease_seconds > 0:
             threading.Thread(target=self._keep_lease, args=(tq, task, done), daemon=True).start()
         try:
@@ -118,14 +165,17 @@ class Worker:
             error = traceback.format_exc()
             attempts = ledger.record_failure(task_id, task.payload(), error)
             log.error("task %s (%s) failed, attempt %d/%d:\n%s", task_id, name, attempts, self.options.max_attempts, error)
+            self.boxes.mark(task, "pending")
             if attempts >= self.options.max_attempts:
                 path = ledger.bury(task_id, task.payload())
+                self.boxes.mark(task, "failed")
                 tq.delete(task)
                 log.error("task %s moved to dead letter %s after %d attempts", task_id, path, attempts)
             return
         finally:
             self._interruptible = False
             done.set()
+        self.boxes.mark(task, "done")
         tq.delete(task, tally=True)
         ledger.forget(task_id)
         self.completed += 1

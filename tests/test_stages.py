@@ -56,6 +56,12 @@ def test_meshes_and_skeletons_load_for_every_object(sample_layers):
     queue = str(root / "q-mesh")
     enqueue(queue, create_mesh_forge_tasks(url, shape=(32, 32, 32)))
     drain(queue)
+    # Workers leave a box per task for the viewer's live task layer.
+    from exaconnect.viewer.tasks import read_task_states
+
+    states = read_task_states(f"{queue}/boxes")
+    assert len(states.tasks) == 8 and {t.state for t in states.tasks} == {"done"}
+    assert sorted(t.bbox for t in states.tasks)[0][:3] == (0, 0, 0)
     enqueue(queue, create_mesh_merge_tasks(url))
     drain(queue)
     vol = open_layer(url)

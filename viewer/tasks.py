@@ -75,8 +75,20 @@ def _parse_task(item: object, index: int, path: Path) -> TaskBox:
 
 
 def read_task_states(path: str | os.PathLike) -> TaskStates:
-    """Parse a task-state file; a file not yet written means no tasks yet (the pipeline may not have started)."""
+    """Parse a task-state file; a file not yet written means no tasks yet (the pipeline may not have started).
+
+    A folder is read as one small JSON record per task (`{"bbox": [...], "state": ...}`), the
+    form workers write into `QUEUE/boxes/` (one file per task, so workers never contend).
+    """
     path = Path(path)
+    if path.is_dir():
+        tasks = []
+        for i, record in enumerate(sorted(path.glob("*.json"))):
+            try:
+                tasks.append(_parse_task(json.loads(record.read_text(encoding="utf-8")), i, record))
+            except (ValueError, FileNotFoundError):
+                continue  # replaced or removed between listing and reading: the next request sees it
+        return TaskStates(tasks=tuple(tasks))
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

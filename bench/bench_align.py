@@ -42,7 +42,7 @@ def main() -> int:
     import imageio.v3 as iio
 
     from exaconnect.precomputed.align_flow import FlowConfig, grid_points
-    from exaconnect.precomputed.align_match import AlignConfig, align_in_memory, finalize_meshes
+    from exaconnect.precomputed.align_match import AlignConfig, finalize_meshes, solve_in_memory
     from exaconnect.precomputed.align_mesh import MeshConfig
     from exaconnect.precomputed.align_perturb import PerturbConfig, misalign_stack
     from exaconnect.precomputed.align_quality import chunked_correlation, end_point_error, neighbor_end_point_error
@@ -84,10 +84,13 @@ def main() -> int:
 
     # Identity: the unperturbed cube through the same aligner.
     started = time.time()
-    identity_meshes, _ = align_in_memory(original, config)
+    identity_blocks, identity_statuses, _ = solve_in_memory(original, config)
     identity_seconds = time.time() - started
+    identity_meshes = finalize_meshes(identity_blocks, shape, identity_statuses, config.mesh)
+    identity_linear = finalize_meshes(identity_blocks, shape, identity_statuses, linear_config)
     grid = grid_points(shape, stride)
     drift = np.stack([np.linalg.norm(identity_meshes[z] - grid, axis=-1) for z in range(n)])
+    drift_linear = np.stack([np.linalg.norm(identity_linear[z] - grid, axis=-1) for z in range(n)])
     consistency = end_point_error(meshes, stride, truth, good, shape, reference_meshes=identity_meshes)
 
     vol = open_layer(dest)
@@ -108,6 +111,8 @@ def main() -> int:
         **{"linear_detrend_" + k: round(v, 3) for k, v in linear.as_dict().items()},
         "identity_rms_displacement_px": round(float(np.sqrt(np.mean(drift**2))), 3),
         "identity_max_displacement_px": round(float(drift.max()), 3),
+        "linear_detrend_identity_rms_displacement_px": round(float(np.sqrt(np.mean(drift_linear**2))), 3),
+        "linear_detrend_identity_max_displacement_px": round(float(drift_linear.max()), 3),
         "correlation_original": round(float(reference), 4),
         "correlation_before": round(float(before), 4),
         "correlation_after": round(float(after), 4),

@@ -313,8 +313,10 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     out_dir = Path(t.out_dir)
     strategy = strategy or make_strategy(t)
     chief = is_chief(strategy)
-    # Non-chief workers of a multi-worker job must take part in saving, but into scratch space.
-    write_dir = out_dir if chief else out_dir / f"worker-scratch-{id(strategy)}"
+    worker_index = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
+    # Non-chief workers of a multi-worker job must take part in saving, but into scratch space;
+    # every worker resumes from the chief's checkpoints (out_dir on a shared filesystem).
+    write_dir = out_dir if chief else out_dir / f"worker-{worker_index}-scratch"
     write_dir.mkdir(parents=True, exist_ok=True)
     if chief:
         (out_dir / "config.yaml").write_text(config_to_yaml(config))
@@ -335,12 +337,13 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     checkpoint = tf.train.Checkpoint(weights=model.weights, biases=model.biases, optimizer=optimizer, step=step_var)
     manager = tf.train.CheckpointManager(checkpoint, str(write_dir / TRAIN_STATE_DIR), max_to_keep=t.keep_checkpoints)
     resumed_from = 0
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    latest = tf.train.latest_checkpoint(str(out_dir / TRAIN_STATE_DIR))
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
         resumed_from = int(step_var.numpy())
         # The learning rate of the config wins over the stored one (a resumed sweep may change it).
         optimizer.learning_rate.assign(config.optimizer.learning_rate)
-        logger.info("resumed from %s at step %d", manager.latest_checkpoint, resumed_from)
+        logger.info("resumed from %s at step %d", latest, resumed_from)
     elif t.init_checkpoint:
         _init_weights(model, config)
     else:
@@ -348,7 +351,6 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
 
     local_batch = t.batch_size * len(strategy.extended.worker_devices)
     step_fn = TrainStep(strategy, model, optimizer, t.batch_size)
-    worker_index = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
     rng = np.random.default_rng([t.seed, resumed_from, worker_index])
     feeder = BatchFeeder(example_source, config, local_batch, rng, augment=True)
     log = MetricsLog(out_dir, enabled=chief)

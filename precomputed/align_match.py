@@ -117,17 +117,24 @@ def finalize_meshes(block_meshes: list[tuple[int, dict[int, np.ndarray]]], secti
     return detrend_meshes(meshes, identity, usable, config.detrend)
 
 
-def align_in_memory(stack: np.ndarray, config: AlignConfig) -> tuple[dict[int, np.ndarray], dict[int, MatchResult]]:
-    """Meshes for every section of a [z, y, x] stack, and the per-section match results."""
+def solve_in_memory(stack: np.ndarray, config: AlignConfig) -> tuple[list, dict[int, str], dict[int, MatchResult]]:
+    """Flow and block meshes of a [z, y, x] stack: (blocks, statuses, matches), ready for
+    `finalize_meshes` (which can be called again with another detrend)."""
     sections = {z: stack[z] for z in range(stack.shape[0])}
     masks: dict[int, np.ndarray] = {}
     matches = {z: match_section(sections, z, config, masks) for z in range(stack.shape[0])}
     flows = {z: m.section_flow() for z, m in matches.items()}
     shape = stack.shape[1:]
-    blocks = []
     references = {z: m.reference for z, m in matches.items()}
     statuses = {z: m.status for z, m in matches.items()}
+    blocks = []
     for start, stop in block_ranges(stack.shape[0], config.mesh, references, statuses):
         meshes, _ = solve_block(flows, start, stop, shape, config.mesh)
         blocks.append((start, meshes))
-    return finalize_meshes(blocks, shape, statuses, config.mesh), matches
+    return blocks, statuses, matches
+
+
+def align_in_memory(stack: np.ndarray, config: AlignConfig) -> tuple[dict[int, np.ndarray], dict[int, MatchResult]]:
+    """Meshes for every section of a [z, y, x] stack, and the per-section match results."""
+    blocks, statuses, matches = solve_in_memory(stack, config)
+    return finalize_meshes(blocks, stack.shape[1:], statuses, config.mesh), matches

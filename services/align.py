@@ -230,8 +230,9 @@ class AlignComposeTask(RegisteredTask):
         statuses = {z: r["status"] for z, r in reports.items()}
         meshes = finalize_meshes(blocks, (height, width), statuses, config.mesh)
         zs = sorted(meshes)
+        inverted = np.array([z for z, s in statuses.items() if s == "inverted"], dtype=np.int64)
         put_file(self.dest, f"{ALIGN_DIR}/meshes.npz", _npz_bytes(z=np.array(zs), meshes=np.stack([meshes[z] for z in zs]),
-                                                                 stride=np.int64(config.mesh.stride)))
+                                                                 stride=np.int64(config.mesh.stride), inverted=inverted))
         put_file(self.dest, f"{ALIGN_DIR}/sections.json", json.dumps(list(reports.values()), indent=1).encode())
 
 
@@ -244,15 +245,22 @@ def load_meshes(dest: str) -> tuple[dict[int, np.ndarray], int]:
     return {int(z): m for z, m in zip(data["z"], data["meshes"])}, int(data["stride"])
 
 
+def load_inverted(dest: str) -> set[int]:
+    """Sections that only matched with their contrast inverted (rendered with it restored)."""
+    data = _load_npz(dest, f"{ALIGN_DIR}/meshes.npz")
+    return {int(z) for z in data.get("inverted", [])}
+
+
 # ---------------------------------------------------------------- stage 4: render
 
 # Cubic interpolation reads up to 2 pixels beyond the sample position.
 RENDER_MARGIN = 3
 
 
-def render_box(src_vol, meshes: dict[int, np.ndarray], stride: int, bounds: Box, box: Box, order: int = 3) -> np.ndarray:
+def render_box(src_vol, meshes: dict[int, np.ndarray], stride: int, bounds: Box, box: Box, order: int = 3,
+               inverted: set[int] = frozenset()) -> np.ndarray:
     """The aligned image of `box` (destination coordinates) as [z, y, x], read from the source
-    window its meshes touch."""
+    window its meshes touch. Sections in `inverted` (integer layers) get their contrast back."""
     width, height, _ = bounds.shape
     x0, y0, z0 = (a - b for a, b in zip(box.start, bounds.start))
     x1, y1, z1 = (a - b for a, b in zip(box.stop, bounds.start))
@@ -267,8 +275,11 @@ def render_box(src_vol, meshes: dict[int, np.ndarray], stride: int, bounds: Box,
     source_box = Box((bounds.start[0] + wx0, bounds.start[1] + wy0, bounds.start[2] + z0),
                      (bounds.start[0] + wx1, bounds.start[1] + wy1, bounds.start[2] + z1))
     source = read_box(src_vol, source_box)
+    top = np.iinfo(src_vol.dtype).max + 1 if np.dtype(src_vol.dtype).kind in "ui" else None
     for i, z in enumerate(range(z0, z1)):
-        out[i], _ = warp_region(source[i], (wy0, wx0), positions[z], order=order, section_shape=(height, width))
+        out[i], valid = warp_region(source[i], (wy0, wx0), positions[z], order=order, section_shape=(height, width))
+        if z in inverted and top is not None:
+            out[i] = np.where(valid & (out[i] > 0), top - out[i], 0.0)
     return to_dtype(out, src_vol.dtype)
 
 
@@ -283,7 +294,8 @@ class AlignRenderTask(RegisteredTask):
         dest_vol = open_layer(self.dest)
         meshes, stride = load_meshes(self.dest)
         box = Box.from_list(self.box)
-        write_box(dest_vol, box, render_box(src_vol, meshes, stride, layer_bounds(src_vol), box))
+        write_box(dest_vol, box, render_box(src_vol, meshes, stride, layer_bounds(src_vol), box,
+                                            inverted=load_inverted(self.dest)))
 
 
 def create_align_render_tasks(src: str, dest: str, task_shape: tuple[int, int, int] | None = None) -> list[AlignRenderTask]:

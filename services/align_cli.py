@@ -42,7 +42,8 @@ def add_enqueue_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("src", help="source image layer (misaligned sections)")
     p.add_argument("dest", help="destination image layer (created by the flow stage)")
-    p.add_argument("--stage", choices=STAGES, default="flow",
+    # dest is not "stage": `exaconnect enqueue` keeps the stage *name* ("align") there.
+    p.add_argument("--stage", dest="align_stage", choices=STAGES, default="flow",
                    help="flow, then mesh, compose, render, each after the previous queue drained")
     p.add_argument("--queue", required=True)
     add_config_arguments(p)
@@ -51,14 +52,15 @@ def add_enqueue_arguments(p: argparse.ArgumentParser) -> None:
 def enqueue_tasks(args: argparse.Namespace) -> list:
     from exaconnect.services.align import stage_tasks
 
-    return stage_tasks(args.stage, args.src, args.dest, config_from_args(args) if args.stage == "flow" else None)
+    stage = args.align_stage
+    return stage_tasks(stage, args.src, args.dest, config_from_args(args) if stage == "flow" else None)
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from exaconnect.services.queue import enqueue
 
-    count = enqueue(args.queue, enqueue_tasks(args), description=f"align {args.stage}")
-    print(f"enqueued {count} align {args.stage} tasks on {args.queue}")
+    count = enqueue(args.queue, enqueue_tasks(args), description=f"align {args.align_stage}")
+    print(f"enqueued {count} align {args.align_stage} tasks on {args.queue}")
     return 0
 
 

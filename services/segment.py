@@ -85,8 +85,8 @@ def segment_image(image_zyx: np.ndarray, spec: PassSpec) -> tuple[np.ndarray, di
     fov = np.array(predictor.model_config.fov_zyx)
     options = pass_options(predictor, spec, image_zyx)
     if options is None or np.any(np.array(image_zyx.shape) < fov):
-        # A sliver at the edge of the volume thinner than the field of view cannot be
-        # segmented on its own; its neighbour's read box covers it through the overlap.
+        # A read box thinner than the field of view (a sliver cell at the edge of the volume
+        # with little overlap) cannot be segmented at all: its core stays unlabelled.
         return np.zeros(image_zyx.shape, np.uint32), {"skipped": 1}
     result = segment_subvolume(image_zyx, predictor, options)
     labels = result.labels

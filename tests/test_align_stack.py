@@ -83,6 +83,13 @@ def test_bad_sections_are_reported_and_bridged(aligned):
     assert sections[FOLDED]["status"] == "ok"
     assert set(report["problem_sections"]) == {str(BLANK), str(BLANK + 1), str(INVERTED), str(INVERTED + 1)}
     assert all(sections[z]["valid_fraction"] > 0.25 for z in _good(truth) if z > 0)
+    # The inverted section is aligned and rendered with its contrast restored.
+    from exaconnect.precomputed.layers import layer_bounds, open_layer, read_box
+
+    vol = open_layer(dest)
+    out = read_box(vol, layer_bounds(vol))
+    a, b = out[INVERTED - 1], out[INVERTED]
+    assert chunked_correlation(a, b, 50, (a > 0) & (b > 0)) > 0.6
 
 
 def test_alignment_recovers_neighbour_geometry(aligned):
@@ -91,9 +98,13 @@ def test_alignment_recovers_neighbour_geometry(aligned):
     root, original, misaligned, truth, src, dest, seconds, report = aligned
     meshes, stride = load_meshes(dest)
     pair = neighbor_end_point_error(meshes, stride, truth, _good(truth), original.shape[1:])
-    assert pair.median < 2.0 and pair.p95 < 4.0
+    # The floor is the apparent motion of oblique neurites between real neighbouring sections
+    # (~0.45 px for the unperturbed stack), which the aligner follows like any image matcher.
+    assert pair.median < 1.0 and pair.p95 < 3.0, pair.as_dict()
+    # Stack-wide, that motion accumulates along z (see bench/bench_align.py); over 30 sections
+    # it stays within a few pixels.
     stack_wide = end_point_error(meshes, stride, truth, _good(truth), original.shape[1:])
-    assert stack_wide.median < 6.0  # bounded by the structural drift along z; see bench_align.py
+    assert stack_wide.median < 6.0, stack_wide.as_dict()
 
 
 def test_alignment_restores_neighbour_correlation(aligned):

@@ -188,3 +188,20 @@ def test_redefining_a_pass_discards_its_finished_files(sample):
     assert is_complete(run.staging, path)
     add_pass(run.staging, PassSpec("truth", "model-b"))
     assert not is_complete(run.staging, path)
+
+
+def test_equivalence_waits_for_every_face(sample):
+    from exaconnect.services.segment import add_pass, prepare_run
+    from exaconnect.services.stitch import StitchEquivalenceTask, StitchFacesTask
+
+    root, _, labels = sample
+    run = prepare_run(str(root / "image"), str(root / "faces_missing"), SUBVOLUME, OVERLAP, overwrite=True)
+    run = add_pass(run.staging, PassSpec("truth", "unused-model"))
+    _write_pieces(run, labels)
+    cells = run.grid.cells()
+    for cell in cells[:-1]:
+        StitchFacesTask(run.staging, "truth", list(cell.index)).execute()
+    with pytest.raises(LayerError, match="missing for cells"):
+        StitchEquivalenceTask(run.staging, "truth").execute()
+    StitchFacesTask(run.staging, "truth", list(cells[-1].index)).execute()
+    StitchEquivalenceTask(run.staging, "truth").execute()

@@ -204,3 +204,18 @@ def test_a_merge_in_one_subvolume_does_not_spread():
     truth_right = labels[:, :, 32:]
     # Outside the bad subvolume no two true objects share a label.
     assert segmentation_metrics(right, truth_right)["vi_merge"] == pytest.approx(0.0, abs=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.tuples(*[st.integers(1, 40)] * 3), st.tuples(*[st.integers(4, 16)] * 3),
+       st.tuples(*[st.integers(0, 6)] * 3), st.tuples(*[st.integers(-5, 5)] * 3))
+def test_grid_write_boxes_tile_the_bounds_and_task_numbers_are_dense(size, subvolume, overlap, offset):
+    bounds = Box.from_shape(size, offset)
+    grid = SegmentGrid(bounds, subvolume, overlap)
+    cells = grid.cells()
+    assert sum(c.write.size for c in cells) == bounds.size
+    assert sorted(grid.task_number(c.index) for c in cells) == list(range(len(cells)))
+    for cell in cells:
+        assert cell.read.contains(cell.write) and bounds.contains(cell.read)
+        for other in grid.forward_neighbors(cell.index):
+            assert not grid.cell(other).write.intersection(cell.write).size

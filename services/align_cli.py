@@ -11,9 +11,10 @@ from exaconnect.errors import InputError
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--patch-size", type=int, default=None, help="flow patch size in px (default 160, SOFIMA's)")
-    p.add_argument("--stride", type=int, default=None, help="flow grid spacing in px (default 40)")
-    p.add_argument("--mesh-stride", type=int, default=None, help="mesh node spacing in px (default 40)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="flow patch size in px (default: SOFIMA's 160, a quarter of smaller sections)")
+    p.add_argument("--stride", type=int, default=None, help="flow grid spacing in px (default: a quarter patch)")
+    p.add_argument("--mesh-stride", type=int, default=None, help="mesh node spacing in px (default: the flow stride)")
     p.add_argument("--block-size", type=int, default=None, help="sections per mesh task (default 64)")
     p.add_argument("--block-overlap", type=int, default=None, help="sections shared with the previous block (default 4)")
     p.add_argument("--detrend", choices=["none", "mean", "linear"], default=None,
@@ -22,9 +23,12 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from exaconnect.precomputed.align_match import AlignConfig
+    """Defaults scaled to the source's sections (`config_for_shape`), then the options given."""
+    from exaconnect.precomputed.align_match import AlignConfig, config_for_shape
+    from exaconnect.precomputed.layers import layer_bounds, open_layer
 
-    data = AlignConfig().as_dict()
+    width, height, _ = layer_bounds(open_layer(args.src)).shape
+    data = config_for_shape((height, width)).as_dict()
     for key, section, name in (("patch_size", "flow", "patch_size"), ("stride", "flow", "stride"),
                                ("mesh_stride", "mesh", "stride"), ("block_size", "mesh", "block_size"),
                                ("block_overlap", "mesh", "block_overlap"), ("detrend", "mesh", "detrend")):
@@ -33,6 +37,8 @@ def config_from_args(args: argparse.Namespace):
             data[section][name] = value
     if getattr(args, "max_skip", None) is not None:
         data["max_skip"] = args.max_skip
+    if data["flow"]["stride"] > data["flow"]["patch_size"]:
+        raise InputError(f"--stride {data['flow']['stride']} is larger than --patch-size {data['flow']['patch_size']}")
     return AlignConfig.from_dict(data)
 
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from exaconnect.errors import InputError
 from exaconnect.precomputed.align_flow import FlowConfig, grid_points
 from exaconnect.precomputed.align_match import AlignConfig, align_in_memory, config_for_shape
 from exaconnect.precomputed.align_mesh import MeshConfig
@@ -154,6 +155,13 @@ def test_cli_enqueue_and_report(aligned, tmp_path, capsys):
     args = parser.parse_args(["align", "report", src, dest])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sections"] == SECTIONS
+    # Without options the configuration is scaled to the 250 px sections, not SOFIMA's 160 px patches.
+    args = parser.parse_args(["align", "enqueue", src, str(tmp_path / "third"), "--queue", str(tmp_path / "q3")])
+    assert args.func(args) == 0
+    assert json.loads(get_file(str(tmp_path / "third"), "align/config.json"))["flow"]["patch_size"] == 56
+    bad = parser.parse_args(["align", "enqueue", src, str(tmp_path / "x"), "--queue", str(tmp_path / "q4"), "--stride", "80"])
+    with pytest.raises(InputError):
+        bad.func(bad)
 
 
 def test_config_for_shape():

@@ -29,7 +29,7 @@ SUBVOLUME   ?= 256,256,256
 OVERLAP     ?= 32,32,32
 SEGMENT_STAGES := segment-faces segment-equivalence segment-relabel
 
-.PHONY: help setup demo test browser ingest downsample mesh mesh-merge skeletonize skeleton-merge segment \
+.PHONY: help setup demo test browser align ingest downsample mesh mesh-merge skeletonize skeleton-merge segment \
         workers status view link bench clean image apptainer
 
 help:
@@ -84,6 +84,11 @@ segment: setup ## FFN-segment LAYER into SEGMENTED (MODEL, SUBVOLUME, OVERLAP): 
 	done
 	$(EXA) enqueue downsample $(SEGMENTED) --num-mips $(MIPS) --queue $(QUEUES)/segment
 	$(EXA) worker $(QUEUES)/segment --processes $(N) --exit-when-empty
+
+ALIGN_SRC  ?= $(DATA)/demo/misaligned
+ALIGN_DEST ?= $(DATA)/demo/aligned
+align: setup ## align ALIGN_SRC into ALIGN_DEST (flow, mesh, compose, render on queues/align) and write DEST/align/report.png
+	$(EXA) align run $(ALIGN_SRC) $(ALIGN_DEST) --queue $(QUEUES)/align --workers $(N)
 
 workers: setup ## run N workers on QUEUE (default queues/SERVICE); EXIT_WHEN_EMPTY=0 keeps them polling
 	$(EXA) worker $(QUEUE) --processes $(N) --lease-seconds $(LEASE) $(if $(filter 1,$(EXIT_WHEN_EMPTY)),--exit-when-empty,)

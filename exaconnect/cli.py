@@ -102,7 +102,14 @@ def _segment_tasks(args):
     return stage_tasks(args)
 
 
+def _align_tasks(args):
+    from exaconnect.services.align_cli import enqueue_tasks
+
+    return enqueue_tasks(args)
+
+
 ENQUEUE_STAGES: dict[str, tuple[str, Callable]] = {
+    "align": ("elastic alignment SRC -> DEST, one stage per call (--stage flow|mesh|compose|render)", _align_tasks),
     "downsample": ("image pyramid (mean for images, mode for labels)", _downsample_tasks),
     "mesh": ("mesh fragments per task box (forge)", _mesh_tasks),
     "mesh-merge": ("mesh manifests (merge; after mesh)", _mesh_merge_tasks),
@@ -212,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     stages = p.add_subparsers(dest="stage", required=True)
     for name, (description, _) in ENQUEUE_STAGES.items():
         s = stages.add_parser(name, help=description)
+        s.set_defaults(func=cmd_enqueue)
+        if name == "align":
+            from exaconnect.services.align_cli import add_enqueue_arguments
+
+            add_enqueue_arguments(s)
+            continue
         s.add_argument("layer")
         s.add_argument("--queue", required=True)
         s.add_argument("--mip", type=int, default=0)
@@ -279,9 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_optional_commands(sub) -> None:
     """Commands defined beside the code they drive; each module registers its own options."""
     from exaconnect import segment
+    from exaconnect.ffn import train_cli
+    from exaconnect.services import align_cli
     from exaconnect.viewer import cli as viewer_cli
 
     segment.add_cli(sub)
+    align_cli.add_cli(sub)
+    train_cli.add_cli(sub)
     viewer_cli.add_cli(sub)
 
 

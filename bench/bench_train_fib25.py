@@ -56,7 +56,8 @@ def volumes(image: str, labels: str) -> tuple[dict, dict]:
     return train, held
 
 
-def train_small(work: Path, image: str, labels: str, minutes: float, strategy: str, logical_cpus: int):
+def train_small(work: Path, image: str, labels: str, minutes: float, strategy: str, logical_cpus: int,
+                fov_policy: str = "max_pred", run_dir: str = "small"):
     from exaconnect.ffn.checkpoint import save_network
     from exaconnect.ffn.model import ConvStack3D
     from exaconnect.ffn.train_config import train_config_from_dict
@@ -67,8 +68,9 @@ def train_small(work: Path, image: str, labels: str, minutes: float, strategy: s
         "model": SMALL_MODEL,
         "data": {"volumes": [train_vol], "validation_volumes": [held_vol], "cache_dir": str(work / "partitions")},
         "optimizer": {"name": "adam", "learning_rate": 0.001},
-        "training": {"out_dir": str(work / "small"), "batch_size": 4, "max_minutes": minutes,
-                     "summary_every_steps": 25, "validation_every_steps": 400, "validation_examples": 16,
+        "training": {"out_dir": str(work / run_dir), "batch_size": 4, "max_minutes": minutes,
+                     "fov_policy": fov_policy, "summary_every_steps": 25,
+                     "validation_every_steps": 800 if fov_policy == "max_pred" else 400, "validation_examples": 16,
                      "checkpoint_every_seconds": 120, "strategy": strategy, "logical_cpus": logical_cpus,
                      "progress": False},
         "inference": {"min_segment_size": 1000},
@@ -208,6 +210,8 @@ def main() -> int:
     parser.add_argument("--methods", default="untrained,watershed,small,reference,finetuned",
                         help="which segmentations to evaluate")
     parser.add_argument("--small-dir", default="small", help="run folder (in --work) of the small model")
+    parser.add_argument("--fov-policy", default="max_pred", choices=("fixed", "max_pred"),
+                        help="FOV movement while training the small model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not FIB25.is_dir() or not Path(str(CHECKPOINT) + ".index").is_file():
@@ -220,7 +224,8 @@ def main() -> int:
     image, labels = ingest(work)
     if "small" not in skip:
         t0 = time.time()
-        result, untrained = train_small(work, image, labels, args.minutes, args.strategy, args.logical_cpus)
+        result, untrained = train_small(work, image, labels, args.minutes, args.strategy, args.logical_cpus,
+                                        args.fov_policy, args.small_dir)
         report["small_training"] = {"steps": result.step, "minutes": round((time.time() - t0) / 60, 2),
                                     "examples_per_second": round(result.examples_per_second, 2),
                                     "last_loss": round(result.last_loss, 4), "validation": result.validation}

@@ -33,7 +33,7 @@ def demo_config(out_dir: str | Path, seed: int = 0, minutes: float = 4.0, max_st
                                          "labels": f"synthetic:{seed}:labels", "resolution": [10, 10, 10]}]},
         "optimizer": {"name": "adam", "learning_rate": 0.001},
         "training": {"out_dir": str(out_dir), "batch_size": 4, "max_steps": max_steps, "max_minutes": minutes,
-                     "seed": seed, "summary_every_steps": 50, "validation_every_steps": 500,
+                     "seed": seed, "fov_policy": "max_pred", "summary_every_steps": 50, "validation_every_steps": 500,
                      "validation_examples": 16, "checkpoint_every_steps": 500, "checkpoint_every_seconds": 60.0},
         "inference": DEMO_INFERENCE,
     }
@@ -46,7 +46,7 @@ def train_demo_model(out_dir: str | Path, seed: int = 0, minutes: float = 4.0, m
 
     out_dir = Path(out_dir)
     settings = {"seed": seed, "minutes": minutes, "max_steps": max_steps, "model": DEMO_MODEL,
-                "inference": DEMO_INFERENCE, "version": 1}
+                "inference": DEMO_INFERENCE, "version": 2}
     marker = out_dir / DEMO_MARKER
     model_dir = out_dir / MODEL_DIR
     if marker.is_file() and (model_dir / "ffn_config.json").is_file():

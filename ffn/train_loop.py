@@ -354,7 +354,8 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     rng = np.random.default_rng([t.seed, resumed_from, worker_index])
     feeder = BatchFeeder(example_source, config, local_batch, rng, augment=True)
     log = MetricsLog(out_dir, enabled=chief)
-    forward = tf.function(model._forward)
+    # Validation batches shrink as walks finish; one relaxed trace serves every size.
+    forward = tf.function(model._forward, reduce_retracing=True)
 
     def predict(seeds: np.ndarray, images: np.ndarray) -> np.ndarray:
         return forward(tf.constant(images[..., None]), tf.constant(seeds[..., None])).numpy()[..., 0]

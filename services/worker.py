@@ -116,6 +116,10 @@ class Worker:
         tq = open_queue(self.queue_spec, create=False)
         ledger = FailureLedger.for_queue(self.queue_spec, self.options.ledger_dir)
         self.boxes = TaskBoxes(ledger.root)
+        self._current = None
+        stopped = threading.Event()
+        if self.options.lease_seconds > 0:
+            threading.Thread(target=self._keep_leases, args=(tq, stopped), daemon=True).start()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while not self.stopping:
@@ -130,15 +134,20 @@ class Worker:
                     continue
                 self._run_one(tq, ledger, task)
         finally:
+            stopped.set()
             signal.signal(signal.SIGTERM, previous)
         log.info("worker done: %d completed, %d failed attempts", self.completed, self.failed)
         return 0
 
-    def _keep_lease(self, tq, task, done: threading.Event) -> None:
-        """Renew the lease at half its length while the task runs, so a long FFN subvolume is not
-        handed to a second worker; if this process dies, renewals stop and the lease runs out."""
+    def _keep_leases(self, tq, stopped: threading.Event) -> None:
+        """Renew the current task's lease at half its length, so a long FFN subvolume is not
+        handed to a second worker; if this process dies, renewals stop and the lease runs out.
+        One thread per worker, not per task: per-task threads cost ~10 ms each."""
         interval = max(1.0, self.options.lease_seconds / 2)
-        while not done.wait(interval):
+        while not stopped.wait(interval):
+            task = self._current
+            if task is None:
+                continue
             try:
                 tq.renew(task, self.options.lease_seconds)
             except Exception as exc:  # a missed renewal only risks a duplicate run, which is harmless
@@ -149,10 +158,8 @@ class Worker:
         name = type(task).__name__ if not hasattr(task, "key") else ".".join(task.key)
         started = time.time()
         self._interruptible = True
-        done = threading.Event()
         self.boxes.mark(task, "running")
-        if self.options.lease_seconds > 0:
-            threading.Thread(target=self._keep_lease, args=(tq, task, done), daemon=True).start()
+        self._current = task
         try:
             task.execute()
         except _StopRequested:
@@ -174,7 +181,7 @@ class Worker:
             return
         finally:
             self._interruptible = False
-            done.set()
+            self._current = None
         self.boxes.mark(task, "done")
         tq.delete(task, tally=True)
         ledger.forget(task_id)

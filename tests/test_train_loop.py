@@ -163,3 +163,18 @@ def test_fine_tuning_imports_the_reference_checkpoint(tmp_path):
     weights, biases = read_reference_weights(REFERENCE_CKPT)
     np.testing.assert_array_equal(model.weights["conv5_a"].numpy(), weights["conv5_a"])
     np.testing.assert_array_equal(model.biases["conv_lom"].numpy(), biases["conv_lom"])
+
+
+def test_demo_model_is_trained_once_and_loadable(tmp_path):
+    from exaconnect.ffn import load_model
+    from exaconnect.ffn.train_demo import train_demo_model
+
+    path = train_demo_model(tmp_path, seed=0, minutes=0.05, max_steps=3, progress=False)
+    weights = path / "ckpt.index"
+    assert weights.is_file() and (tmp_path / "demo_model.json").is_file()
+    stamp = weights.stat().st_mtime_ns
+    assert train_demo_model(tmp_path, seed=0, minutes=0.05, max_steps=3, progress=False) == path
+    assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
+    predictor = load_model(path, device="cpu")
+    assert predictor.model_config.fov_size == (17, 17, 17)
+    assert predictor.config.inference.min_segment_size == 500

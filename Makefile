@@ -29,7 +29,7 @@ SUBVOLUME   ?= 256,256,256
 OVERLAP     ?= 32,32,32
 SEGMENT_STAGES := segment-faces segment-equivalence segment-relabel
 
-.PHONY: help setup demo test browser align ingest downsample mesh mesh-merge skeletonize skeleton-merge segment \
+.PHONY: help setup demo test browser align train sweep sweep-summary ingest downsample mesh mesh-merge skeletonize skeleton-merge segment \
         workers status view link bench clean image apptainer
 
 help:
@@ -89,6 +89,18 @@ ALIGN_SRC  ?= $(DATA)/demo/misaligned
 ALIGN_DEST ?= $(DATA)/demo/aligned
 align: setup ## align ALIGN_SRC into ALIGN_DEST (flow, mesh, compose, render on queues/align) and write DEST/align/report.png
 	$(EXA) align run $(ALIGN_SRC) $(ALIGN_DEST) --queue $(QUEUES)/align --workers $(N)
+
+TRAIN_CONFIG ?= configs/train_synthetic.yaml
+SWEEP        ?= configs/sweep_synthetic.yaml
+
+train: setup ## train an FFN (exaconnect train --config TRAIN_CONFIG)
+	$(EXA) train --config $(TRAIN_CONFIG)
+
+sweep: setup ## enqueue one FFN training task per grid point of SWEEP (then: make workers SERVICE=train LEASE=3600)
+	$(EXA) sweep enqueue $(SWEEP) --queue $(QUEUES)/train
+
+sweep-summary: setup ## rank finished sweep runs: summary.md, summary.json, sweep.png
+	$(EXA) sweep summary $(SWEEP)
 
 workers: setup ## run N workers on QUEUE (default queues/SERVICE); EXIT_WHEN_EMPTY=0 keeps them polling
 	$(EXA) worker $(QUEUE) --processes $(N) --lease-seconds $(LEASE) $(if $(filter 1,$(EXIT_WHEN_EMPTY)),--exit-when-empty,)

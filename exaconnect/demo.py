@@ -30,8 +30,9 @@ class DemoOptions:
     ffn: str = "none"
 
 
-def _stage(name: str, queue: str, tasks, workers: int) -> float:
-    """Enqueue a batch, drain it with local worker processes, fail loudly on dead-lettered tasks."""
+def _stage(name: str, queue: str, tasks, workers: int, layers: list[str] | None = None) -> float:
+    """Enqueue a batch, drain it with local worker processes, fail loudly on dead-lettered tasks;
+    then log a link to the stage's output layers and record it in their provenance."""
     from exaconnect.errors import ExaconnectError
     from exaconnect.services.queue import enqueue, open_queue, queue_status
     from exaconnect.services.worker import WorkerOptions, run_workers
@@ -48,7 +49,18 @@ def _stage(name: str, queue: str, tasks, workers: int) -> float:
         raise ExaconnectError(f"demo stage {name}: {status.failed} tasks failed, {status.enqueued} left on {queue}")
     elapsed = time.time() - started
     print(f"[demo] {name}: {count} tasks in {elapsed:.1f}s")
+    if layers:
+        _record_link(name, layers)
     return elapsed
+
+
+def _record_link(stage: str, layers: list[str]) -> None:
+    from exaconnect.precomputed.layers import Provenance, add_provenance, open_layer
+
+    url = _link(layers)
+    log.info("%s done: %s", stage, url)
+    for layer in layers:
+        add_provenance(open_layer(layer), Provenance("link", {"after_stage": stage, "url": url}, [layer]))
 
 
 def run_demo(options: DemoOptions) -> int:
@@ -81,12 +93,13 @@ def run_demo(options: DemoOptions) -> int:
     tasks = create_ingest_tasks(image_src, image_layer, IngestOptions("image", options.resolution, chunk_size=chunk, overwrite=True))
     if labels_src:
         tasks += create_ingest_tasks(labels_src, labels_layer, IngestOptions("segmentation", options.resolution, chunk_size=chunk, overwrite=True))
-    timings["ingest"] = _stage("ingest", str(queues / "ingest"), tasks, options.workers)
+    ingested = [image_layer] + ([labels_layer] if labels_layer else [])
+    timings["ingest"] = _stage("ingest", str(queues / "ingest"), tasks, options.workers, ingested)
 
     tasks = list(create_downsample_tasks(image_layer, num_mips=2))
     if labels_layer:
         tasks += list(create_downsample_tasks(labels_layer, num_mips=2))
-    timings["downsample"] = _stage("downsample", str(queues / "downsample"), tasks, options.workers)
+    timings["downsample"] = _stage("downsample", str(queues / "downsample"), tasks, options.workers, ingested)
 
     segmentation_layer = labels_layer
     metrics = None
@@ -94,9 +107,9 @@ def run_demo(options: DemoOptions) -> int:
         segmentation_layer, timings["segment"], metrics = _segment(options, data, queues, image_layer, labels_src)
     if segmentation_layer:
         timings["mesh"] = _stage("mesh", str(queues / "mesh"), create_mesh_forge_tasks(segmentation_layer), options.workers)
-        timings["mesh-merge"] = _stage("mesh-merge", str(queues / "mesh"), create_mesh_merge_tasks(segmentation_layer), options.workers)
+        timings["mesh-merge"] = _stage("mesh-merge", str(queues / "mesh"), create_mesh_merge_tasks(segmentation_layer), options.workers, [segmentation_layer])
         timings["skeletonize"] = _stage("skeletonize", str(queues / "skeletonize"), create_skeleton_forge_tasks(segmentation_layer), options.workers)
-        timings["skeleton-merge"] = _stage("skeleton-merge", str(queues / "skeletonize"), create_skeleton_merge_tasks(segmentation_layer), options.workers)
+        timings["skeleton-merge"] = _stage("skeleton-merge", str(queues / "skeletonize"), create_skeleton_merge_tasks(segmentation_layer), options.workers, [segmentation_layer])
 
     layers = [image_layer] + [layer for layer in (labels_layer, segmentation_layer) if layer]
     layers = list(dict.fromkeys(layers))

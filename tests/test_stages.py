@@ -96,3 +96,8 @@ def test_demo_runs_end_to_end_and_prints_a_link(tmp_path):
     assert "#!" in done.stdout.splitlines()[-1]
     summary = json.loads((tmp_path / "data" / "demo_summary.json").read_text())
     assert {"ingest", "downsample", "mesh", "skeletonize"} <= set(summary["seconds"])
+    # Each stage's link is in its layers' provenance.
+    provenance = json.loads((tmp_path / "data" / "groundtruth" / "provenance").read_text())
+    links = [step for step in provenance["processing"] if isinstance(step.get("method"), dict) and step["method"].get("stage") == "link"]
+    assert [step["method"]["parameters"]["after_stage"] for step in links] == ["ingest", "downsample", "mesh-merge", "skeleton-merge"]
+    assert all("#!" in step["method"]["parameters"]["url"] for step in links)

@@ -108,8 +108,9 @@ workers: setup ## run N workers on QUEUE (default queues/SERVICE); EXIT_WHEN_EMP
 status: setup ## progress of QUEUE (default queues/SERVICE)
 	$(EXA) status $(QUEUE) --watch
 
-view: setup ## serve LAYER and SEGMENTATION with the bundled neuroglancer on 127.0.0.1:PORT
-	$(EXA) view $(LAYER) $(SEGMENTATION) --port $(PORT)
+DEMO_SEGMENTATION ?= $(DATA)/demo/ffn_segmentation
+view: setup ## serve LAYER, SEGMENTATION (and the demo's FFN segmentation) with the bundled neuroglancer on 127.0.0.1:PORT
+	$(EXA) view $(LAYER) $(SEGMENTATION) $(wildcard $(DEMO_SEGMENTATION)) --port $(PORT)
 
 link: setup ## print a shareable neuroglancer link for LAYER and SEGMENTATION
 	$(EXA) link $(LAYER) $(SEGMENTATION)

@@ -116,7 +116,7 @@ def run_demo(options: DemoOptions) -> int:
     summary = {"layers": layers, "seconds": timings, **({"ffn_metrics": metrics} if metrics else {})}
     (data / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print("[demo] layers:", *layers, sep="\n  ")
-    print("[demo] neuroglancer link:")
+    print("[demo] neuroglancer link (serve the local layers first: make view, or exaconnect view LAYER...):")
     print(_link(layers))
     return 0
 

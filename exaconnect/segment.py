@@ -52,7 +52,9 @@ def output_spec(image_vol, dtype: str = "uint64", layer_type: str = "segmentatio
 def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None = None,
                 options: dict[str, Any] | None = None, device: str = "auto",
                 probabilities_layer: str | None = None, counters_path: str | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, fill: bool = False) -> dict:
+    """Segments `bbox` of `image_layer` with the FFN `model` into a new `out_layer`; with `fill`,
+    voxels the FFN left unsegmented are handed to neighbouring objects (`ffn.fill`)."""
     from exaconnect.ffn.inference import segment_subvolume
     from exaconnect.ffn.predictor import load_model
 
@@ -65,12 +67,18 @@ def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None =
     predictor = load_model(model, config_overrides=options or None, device=device)
     image = read_box(image_vol, box)
     result = segment_subvolume(image, predictor, progress=progress)
+    labels = result.labels
+    unsegmented = float(np.mean(labels == 0))
+    if fill:
+        from exaconnect.ffn.fill import fill_unsegmented
 
-    parameters = {"model": str(model), "bbox": str(box), "options": options or {}}
+        labels = fill_unsegmented(image, labels)
+
+    parameters = {"model": str(model), "bbox": str(box), "options": options or {}, "fill_unsegmented": fill}
     provenance = Provenance("segment", parameters, [layer_url(image_layer), str(model)])
     out_vol = create_layer(out_layer, output_spec(image_vol), provenance)
     out_vol.non_aligned_writes = True  # an interactive box need not follow the chunk grid
-    out_vol[box.slices()] = np.ascontiguousarray(result.labels.transpose(2, 1, 0))
+    out_vol[box.slices()] = np.ascontiguousarray(labels.transpose(2, 1, 0))
     if probabilities_layer:
         prob_vol = create_layer(probabilities_layer, output_spec(image_vol, "uint8", "image"),
                                 Provenance("segment-probabilities", parameters, [layer_url(image_layer)]))
@@ -81,6 +89,8 @@ def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None =
         "segmentation_layer": layer_url(out_layer),
         "bbox": str(box),
         "objects": len(result.objects),
+        "unsegmented_fraction": round(unsegmented, 6),
+        "filled": fill,
         "counters": result.counters,
     }
     if counters_path:
@@ -99,11 +109,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto|cpu|gpu|xpu")
     p.add_argument("--probabilities", default=None, help="also write the quantized object probability map here")
     p.add_argument("--counters", default=None, help="write counters JSON here")
+    p.add_argument("--fill-unsegmented", action="store_true",
+                   help="hand voxels the FFN left unsegmented to the neighbouring objects (a dense output)")
     p.set_defaults(func=_cmd_segment)
 
 
 def _cmd_segment(args) -> int:
     summary = segment_box(args.image_layer, args.out_layer, args.model, Box.parse(args.bbox) if args.bbox else None,
-                          parse_options(args.option), args.device, args.probabilities, args.counters)
+                          parse_options(args.option), args.device, args.probabilities, args.counters,
+                          fill=args.fill_unsegmented)
     print(json.dumps(summary, default=str))
     return 0

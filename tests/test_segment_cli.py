@@ -35,3 +35,23 @@ def test_segment_cli_rejects_a_box_outside_the_layer(tmp_path, shared_dir, capsy
                  "--bbox", "0,0,0,64,64,64"])
     assert code == 2 and "outside the layer bounds" in capsys.readouterr().err
     assert not (tmp_path / "seg").exists()
+
+
+def test_segment_cli_fill_unsegmented_gives_a_dense_layer(tmp_path, shared_dir, capsys):
+    """--fill-unsegmented keeps every FFN voxel and hands the crop's 51 % of gaps to objects."""
+    fib = shared_dir / "data/fib25/training_sample2"
+    assert main(["ingest", str(fib / "grayscale_maps"), str(tmp_path / "image"), "--resolution", "10,10,10"]) == 0
+    model = shared_dir / "models/ffn-fib25/model.ckpt-27465036"
+    code = main(["segment", str(tmp_path / "image"), str(tmp_path / "seg"), "--model", str(model),
+                 "--bbox", "0,0,0,64,64,64", "--fill-unsegmented", "--counters", str(tmp_path / "counters.json")])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "counters.json").read_text())
+    assert summary["filled"] and 0.4 < summary["unsegmented_fraction"] < 0.6
+    ours = read_box(open_layer(str(tmp_path / "seg")), Box((0, 0, 0), (64, 64, 64)))
+    reference = np.load(shared_dir / "reference/fib25/training_sample2_crop64_ffn_segmentation.npz")["segmentation"]
+    assert not (ours == 0).any()
+    assert len(np.unique(ours)) == len(np.unique(reference)) - 1  # no new objects, only "0" gone
+    labelled = reference > 0
+    split, merge = variation_of_information(
+        contingency_table(ours[labelled], reference[labelled], ignore_groundtruth_zero=False))
+    assert split + merge < 0.05

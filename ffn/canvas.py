@@ -92,7 +92,8 @@ class Canvas:
             points = list_seeds(self.options.seeds, self.shape)
         else:
             points = peaks_seeds(self.image)
-        return within_margin(points, self.shape, self.margin)
+        points = within_margin(points, self.shape, self.margin)
+        return points[::-1] if self.options.seed_order == "reverse" else points
 
     def fov_slices(self, pos) -> tuple[slice, ...]:
         start = np.asarray(pos) - self.margin

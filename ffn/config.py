@@ -20,6 +20,7 @@ from exaconnect.errors import InputError
 CONFIG_FILENAME = "ffn_config.json"
 
 SEED_POLICIES = ("peaks", "list")
+SEED_ORDERS = ("forward", "reverse")
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
@@ -105,6 +106,10 @@ class InferenceOptions:
     disco_seed_threshold: float = 0.0
     seed_policy: str = "peaks"
     seeds: tuple[tuple[int, int, int], ...] | None = None  # (z, y, x), for seed_policy='list'
+    # 'reverse' tries the seed points last to first, so objects claim contested voxels in
+    # another order: a refinement pass's split consensus with a forward pass cuts the merges
+    # that only one order makes (services/segment, --seed-order).
+    seed_order: str = "forward"
     # Numerics of the network; float32 is the reference.
     precision: str = "float32"
 
@@ -130,6 +135,8 @@ class InferenceOptions:
         object.__setattr__(self, "disco_seed_threshold", float(self.disco_seed_threshold))
         if self.seed_policy not in SEED_POLICIES:
             raise InputError(f"seed_policy={self.seed_policy!r}: expected one of {SEED_POLICIES}")
+        if self.seed_order not in SEED_ORDERS:
+            raise InputError(f"seed_order={self.seed_order!r}: expected one of {SEED_ORDERS}")
         if self.seed_policy == "list":
             if not self.seeds:
                 raise InputError("seeds: seed_policy='list' needs a non-empty list of (z, y, x)")

@@ -62,19 +62,10 @@ def _predictor(model: str, overrides_json: str):
     return load_model(model, config_overrides=json.loads(overrides_json) or None, device="auto")
 
 
-def pass_options(predictor, spec: PassSpec, image_zyx: np.ndarray):
-    """The InferenceOptions of a pass for one subvolume; 'reverse' visits the reference seed
-    points ("peaks") last-first, which changes which object claims contested voxels."""
-    options = predictor.config.inference
-    if spec.seed_order == "forward":
-        return options
-    from exaconnect.ffn.seeds import peaks_seeds
-
-    normalized = (image_zyx.astype(np.float32) - np.float32(options.image_mean)) / np.float32(options.image_stddev)
-    points = peaks_seeds(normalized)[::-1]
-    if len(points) == 0:
-        return None
-    return replace(options, seed_policy="list", seeds=tuple(tuple(int(v) for v in p) for p in points))
+def pass_options(predictor, spec: PassSpec):
+    """The InferenceOptions of a pass; 'reverse' visits the seed points last-first, which
+    changes which object claims contested voxels."""
+    return replace(predictor.config.inference, seed_order=spec.seed_order)
 
 
 def segment_image(image_zyx: np.ndarray, spec: PassSpec) -> tuple[np.ndarray, dict]:
@@ -83,8 +74,8 @@ def segment_image(image_zyx: np.ndarray, spec: PassSpec) -> tuple[np.ndarray, di
 
     predictor = _predictor(spec.model, json.dumps(spec.inference, sort_keys=True))
     fov = np.array(predictor.model_config.fov_zyx)
-    options = pass_options(predictor, spec, image_zyx)
-    if options is None or np.any(np.array(image_zyx.shape) < fov):
+    options = pass_options(predictor, spec)
+    if np.any(np.array(image_zyx.shape) < fov):
         # A read box thinner than the field of view (a sliver cell at the edge of the volume
         # with little overlap) cannot be segmented at all: its core stays unlabelled.
         return np.zeros(image_zyx.shape, np.uint32), {"skipped": 1}

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from exaconnect.errors import InputError, LayerError
+from exaconnect.ffn.config import SEED_ORDERS
 from exaconnect.precomputed.bbox import Box, GridCell, Triple, chunk_grid
 from exaconnect.precomputed.layers import layer_url, local_path
 from exaconnect.precomputed.stitching import MatchOptions
 
 MANIFEST = "segment.json"
-SEED_ORDERS = ("forward", "reverse")
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,11 @@ def main() -> int:
         return 0
     import imageio.v3 as iio
 
-    from exaconnect.precomputed.align_flow import FlowConfig, grid_points
-    from exaconnect.precomputed.align_match import AlignConfig, finalize_meshes, solve_in_memory
-    from exaconnect.precomputed.align_mesh import MeshConfig
-    from exaconnect.precomputed.align_perturb import PerturbConfig, misalign_stack
-    from exaconnect.precomputed.align_quality import chunked_correlation, end_point_error, neighbor_end_point_error
+    from exaconnect.align.flow import FlowConfig, grid_points
+    from exaconnect.align.match import AlignConfig, finalize_meshes, solve_in_memory
+    from exaconnect.align.mesh import MeshConfig
+    from exaconnect.align.perturb import PerturbConfig, misalign_stack
+    from exaconnect.align.quality import chunked_correlation, end_point_error, neighbor_end_point_error
     from exaconnect.precomputed.layers import layer_bounds, open_layer, read_box
     from exaconnect.services.align import _load_npz, align_report, align_stack_through_queue, get_file, load_meshes
     from exaconnect.services.ingest import IngestOptions, ingest_now

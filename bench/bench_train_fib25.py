@@ -62,8 +62,8 @@ def train_small(work: Path, image: str, labels: str, minutes: float, strategy: s
                 fov_policy: str = "max_pred", run_dir: str = "small", learning_rate: float = 0.001):
     from exaconnect.ffn.checkpoint import save_network
     from exaconnect.ffn.model import ConvStack3D
-    from exaconnect.ffn.train_config import train_config_from_dict
-    from exaconnect.ffn.train_loop import _export_config, glorot_init, train
+    from exaconnect.ffn.training.config import train_config_from_dict
+    from exaconnect.ffn.training.loop import _export_config, glorot_init, train
 
     train_vol, held_vol = volumes(image, labels)
     config = train_config_from_dict({
@@ -86,8 +86,8 @@ def train_small(work: Path, image: str, labels: str, minutes: float, strategy: s
 
 
 def finetune(work: Path, image: str, labels: str, minutes: float):
-    from exaconnect.ffn.train_config import train_config_from_dict
-    from exaconnect.ffn.train_loop import train
+    from exaconnect.ffn.training.config import train_config_from_dict
+    from exaconnect.ffn.training.loop import train
 
     train_vol, held_vol = volumes(image, labels)
     config = train_config_from_dict({

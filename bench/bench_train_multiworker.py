@@ -20,8 +20,8 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys
-from exaconnect.ffn.train_config import train_config_from_dict
-from exaconnect.ffn.train_loop import train
+from exaconnect.ffn.training.config import train_config_from_dict
+from exaconnect.ffn.training.loop import train
 out, steps = sys.argv[1], int(sys.argv[2])
 config = train_config_from_dict({
     "model": {"depth": 2, "fov_size": [11, 11, 11], "deltas": [3, 3, 3], "features": 8},

@@ -20,8 +20,8 @@ import tempfile
 CHILD = r"""
 import json, sys, time
 import numpy as np
-from exaconnect.ffn.train_config import train_config_from_dict
-from exaconnect.ffn.train_loop import train
+from exaconnect.ffn.training.config import train_config_from_dict
+from exaconnect.ffn.training.loop import train
 mode, steps, batch, replicas, out, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], json.loads(sys.argv[6])
 training = {"out_dir": out, "max_steps": steps, "summary_every_steps": max(steps // 4, 1), "validation_examples": 0,
             "progress": False, "checkpoint_every_steps": 10**6, "checkpoint_every_seconds": 1e9}
@@ -33,7 +33,7 @@ config = train_config_from_dict({"model": model,
     "data": {"volumes": [{"name": "s", "image": "synthetic:0", "labels": "synthetic:0:labels"}], "min_size": 1000},
     "optimizer": {"name": "adam"}, "training": training})
 result = train(config)
-from exaconnect.ffn.train_monitor import read_metrics
+from exaconnect.ffn.training.monitor import read_metrics
 rates = [r["examples_per_second"] for r in read_metrics(out) if r["kind"] == "train"][1:]  # first window traces
 import tensorflow as tf
 print("RESULT " + json.dumps({"mode": mode, "examples_per_second": round(float(np.median(rates)), 2) if rates else None,

@@ -128,7 +128,7 @@ def _segment(options: DemoOptions, data: Path, queues: Path, image_layer: str, l
     from exaconnect.services.segment_staging import PassSpec
 
     if options.ffn == "train":
-        from exaconnect.ffn.train_demo import train_demo_model
+        from exaconnect.ffn.training.demo import train_demo_model
 
         model = str(train_demo_model(data / "ffn", seed=options.seed))
     else:

@@ -34,13 +34,13 @@ def parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train_config import config_to_yaml, load_train_config
+    from .training.config import config_to_yaml, load_train_config
 
     config = load_train_config(args.config, parse_sets(args.set))
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
-    from .train_loop import train
+    from .training.loop import train
 
     result = train(config)
     print(json.dumps({"out_dir": str(result.out_dir), "model_dir": str(result.model_dir), "step": result.step,
@@ -61,7 +61,7 @@ def cmd_sweep_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_summary(args: argparse.Namespace) -> int:
-    from .train_sweep import load_sweep, summarize_sweep, write_summary
+    from .training.sweep import load_sweep, summarize_sweep, write_summary
 
     sweep = load_sweep(args.sweep)
     rows = summarize_sweep(sweep)
@@ -76,7 +76,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from exaconnect.services.queue import enqueue
     from exaconnect.services.train import create_partition_tasks
 
-    from .train_config import DEFAULT_THRESHOLDS
+    from .training.config import DEFAULT_THRESHOLDS
 
     radius_xyz = parse_triple(args.lom_radius, "--lom-radius")
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else list(DEFAULT_THRESHOLDS)
@@ -88,9 +88,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train or fine-tune an FFN from a YAML config (see ffn/train_config.py)")
+    p = subparsers.add_parser("train", help="train or fine-tune an FFN from a YAML config (see ffn/training/config.py)")
     p.add_argument("--config", required=True, help="training config YAML (every option documented in "
-                                                   "ffn/train_config.py and configs/train_synthetic.yaml)")
+                                                   "ffn/training/config.py and configs/train_synthetic.yaml)")
     p.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE",
                    help="override one option, e.g. --set training.max_steps=100 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the complete validated config and exit")
@@ -99,7 +99,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="hyperparameter scans of FFN training as queue tasks")
     sweep = p.add_subparsers(dest="sweep_command", required=True)
     s = sweep.add_parser("enqueue", help="one training task per grid point of a sweep file")
-    s.add_argument("sweep", help="sweep YAML (base config + grid, see ffn/train_sweep.py)")
+    s.add_argument("sweep", help="sweep YAML (base config + grid, see ffn/training/sweep.py)")
     s.add_argument("--queue", default="queues/train")
     s.set_defaults(func=cmd_sweep_enqueue)
     s = sweep.add_parser("summary", help="rank finished runs: summary.md, summary.json, sweep.png")

@@ -28,9 +28,9 @@ from exaconnect.errors import InputError, LayerError
 from exaconnect.precomputed.bbox import Box, chunk_grid
 from exaconnect.precomputed.layers import (LayerSpec, Provenance, create_layer, layer_bounds, layer_url, local_path,
                                            open_layer, read_box, write_box)
-from exaconnect.precomputed.align_match import AlignConfig, finalize_meshes, match_section
-from exaconnect.precomputed.align_mesh import SectionFlow, block_ranges, solve_block
-from exaconnect.precomputed.align_warp import region_map, source_window, to_dtype, warp_region
+from exaconnect.align.match import AlignConfig, finalize_meshes, match_section
+from exaconnect.align.mesh import SectionFlow, block_ranges, solve_block
+from exaconnect.align.warp import region_map, source_window, to_dtype, warp_region
 
 ALIGN_DIR = "align"
 
@@ -360,8 +360,8 @@ def align_report(src: str, dest: str, out_png: str | None = None, crop: int = 51
     chunked neighbour correlation before (source) and after (destination), residual flow
     between aligned neighbours, valid flow fraction and status from the flow stage. Large
     sections are measured on a central `crop` x `crop` window."""
-    from exaconnect.precomputed.align_flow import FlowConfig
-    from exaconnect.precomputed.align_quality import neighbor_correlations, report_figure, residual_flow
+    from exaconnect.align.flow import FlowConfig
+    from exaconnect.align.quality import neighbor_correlations, report_figure, residual_flow
 
     config = load_config(dest)
     src_vol, dest_vol = open_layer(src, fill_missing=True), open_layer(dest, fill_missing=True)

@@ -24,7 +24,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """Defaults scaled to the source's sections (`config_for_shape`), then the options given."""
-    from exaconnect.precomputed.align_match import AlignConfig, config_for_shape
+    from exaconnect.align.match import AlignConfig, config_for_shape
     from exaconnect.precomputed.layers import layer_bounds, open_layer
 
     width, height, _ = layer_bounds(open_layer(args.src)).shape

@@ -40,9 +40,9 @@ class TrainTask(RegisteredTask):
         super().__init__(config_json, name)
 
     def execute(self) -> None:
-        from exaconnect.ffn.train_config import train_config_from_dict
-        from exaconnect.ffn.train_loop import train
-        from exaconnect.ffn.train_sweep import write_result
+        from exaconnect.ffn.training.config import train_config_from_dict
+        from exaconnect.ffn.training.loop import train
+        from exaconnect.ffn.training.sweep import write_result
 
         config = train_config_from_dict(json.loads(self.config_json), f"train task {self.name}")
         # Workers have no terminal; their progress is in metrics.jsonl and TensorBoard.
@@ -54,7 +54,7 @@ class TrainTask(RegisteredTask):
 
 
 def create_sweep_tasks(sweep_path: str) -> list[TrainTask]:
-    from exaconnect.ffn.train_sweep import load_sweep
+    from exaconnect.ffn.training.sweep import load_sweep
 
     sweep = load_sweep(sweep_path)
     return [TrainTask(json.dumps(point.config), point.name) for point in sweep.points]
@@ -68,7 +68,7 @@ class PartitionTask(RegisteredTask):
         super().__init__(labels, dest, box, lom_radius_zyx, thresholds, min_size)
 
     def execute(self) -> None:
-        from exaconnect.ffn.train_data import compute_partitions
+        from exaconnect.ffn.training.data import compute_partitions
 
         labels_vol = open_layer(self.labels, layer_type="segmentation")
         bounds = layer_bounds(labels_vol)

@@ -6,12 +6,12 @@ import pytest
 from scipy import ndimage
 
 from exaconnect.errors import InputError
-from exaconnect.precomputed.align_coarse import CoarseConfig, estimate_translation, fit_affine, fit_rigid, rotation_degrees
-from exaconnect.precomputed.align_flow import (FlowConfig, cross_correlate, estimate_flow, find_peaks, grid_points,
+from exaconnect.align.coarse import CoarseConfig, estimate_translation, fit_affine, fit_rigid, rotation_degrees
+from exaconnect.align.flow import (FlowConfig, cross_correlate, estimate_flow, find_peaks, grid_points,
                                                section_mask)
-from exaconnect.precomputed.align_mesh import (MeshConfig, block_ranges, compose, compose_blocks, detrend_meshes,
+from exaconnect.align.mesh import (MeshConfig, block_ranges, compose, compose_blocks, detrend_meshes,
                                                identity_mesh, relax_mesh)
-from exaconnect.precomputed.align_warp import region_map, render_section
+from exaconnect.align.warp import region_map, render_section
 
 SMALL = FlowConfig(patch_size=64, stride=16, min_peak_sharpness=5, min_peak_ratio=1.1)
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from exaconnect.errors import InputError
-from exaconnect.precomputed.align_flow import FlowConfig, grid_points
-from exaconnect.precomputed.align_match import AlignConfig, align_in_memory, config_for_shape
-from exaconnect.precomputed.align_mesh import MeshConfig
-from exaconnect.precomputed.align_perturb import PerturbConfig, misalign_sample, misalign_stack
-from exaconnect.precomputed.align_quality import chunked_correlation, end_point_error, neighbor_end_point_error
+from exaconnect.align.flow import FlowConfig, grid_points
+from exaconnect.align.match import AlignConfig, align_in_memory, config_for_shape
+from exaconnect.align.mesh import MeshConfig
+from exaconnect.align.perturb import PerturbConfig, misalign_sample, misalign_stack
+from exaconnect.align.quality import chunked_correlation, end_point_error, neighbor_end_point_error
 from exaconnect.services.align import (align_report, align_stack_through_queue, create_align_render_tasks, get_file,
                                        load_meshes)
 from exaconnect.services.ingest import IngestOptions, ingest_now

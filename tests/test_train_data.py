@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from exaconnect.errors import InputError
-from exaconnect.ffn.train_augment import Transform, augment_example, drop_sections, misalign, valid_transforms
-from exaconnect.ffn.train_config import AugmentConfig, VolumeSource, load_train_config, train_config_from_dict
-from exaconnect.ffn.train_data import (
+from exaconnect.ffn.training.augment import Transform, augment_example, drop_sections, misalign, valid_transforms
+from exaconnect.ffn.training.config import AugmentConfig, VolumeSource, load_train_config, train_config_from_dict
+from exaconnect.ffn.training.data import (
     BalancedSampler,
     cached_partitions,
     compute_partitions,
@@ -189,7 +189,7 @@ def test_read_volume_from_layers_with_bbox(tmp_path):
 
 def test_extract_example_is_centred():
     labels = np.arange(9 * 9 * 9, dtype=np.uint32).reshape(9, 9, 9) // 9  # rows of 9
-    from exaconnect.ffn.train_data import Volume
+    from exaconnect.ffn.training.data import Volume
 
     volume = Volume("v", labels.astype(np.uint8), labels)
     image, mask = extract_example(volume, (4, 4, 4), (3, 5, 5))

@@ -21,8 +21,8 @@ MIRRORED_SCRIPT = textwrap.dedent(
     import tensorflow as tf
     from exaconnect.ffn.config import ModelConfig
     from exaconnect.ffn.model import ConvStack3D
-    from exaconnect.ffn.train_config import OptimizerConfig, TrainingConfig
-    from exaconnect.ffn.train_distribute import Optimizer, TrainStep, make_strategy, ordered_variables
+    from exaconnect.ffn.training.config import OptimizerConfig, TrainingConfig
+    from exaconnect.ffn.training.distribute import Optimizer, TrainStep, make_strategy, ordered_variables
 
     config = ModelConfig(depth=2, fov_size=(9, 9, 9), deltas=(2, 2, 2), features=4)
     opt = OptimizerConfig(name=sys.argv[1], learning_rate=0.01)
@@ -70,8 +70,8 @@ def test_mirrored_gradients_match_single_device(optimizer):
 def test_optimizer_rules_match_closed_form():
     import tensorflow as tf
 
-    from exaconnect.ffn.train_config import OptimizerConfig
-    from exaconnect.ffn.train_distribute import Optimizer
+    from exaconnect.ffn.training.config import OptimizerConfig
+    from exaconnect.ffn.training.distribute import Optimizer
 
     g = tf.constant([0.5, -2.0])
     for name, expected in (

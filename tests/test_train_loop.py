@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from exaconnect.errors import InputError
-from exaconnect.ffn.train_config import train_config_from_dict
-from exaconnect.ffn.train_loop import ExampleWalk, WalkSettings, train
+from exaconnect.ffn.training.config import train_config_from_dict
+from exaconnect.ffn.training.loop import ExampleWalk, WalkSettings, train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE_CKPT = SHARED / "models" / "ffn-fib25" / "model.ckpt-27465036"
@@ -86,7 +86,7 @@ def test_training_learns_checkpoints_and_resumes(tmp_path):
 
     from exaconnect.ffn import load_model
     from exaconnect.ffn.checkpoint import load_network
-    from exaconnect.ffn.train_monitor import read_metrics
+    from exaconnect.ffn.training.monitor import read_metrics
 
     config = small_config(tmp_path / "run", max_steps=60)
     result = train(config)
@@ -151,7 +151,7 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
 def test_fine_tuning_imports_the_reference_checkpoint(tmp_path):
     from exaconnect.ffn.checkpoint import read_reference_weights
     from exaconnect.ffn.model import ConvStack3D
-    from exaconnect.ffn.train_loop import _init_weights
+    from exaconnect.ffn.training.loop import _init_weights
 
     config = train_config_from_dict({
         "model": {"depth": 12, "fov_size": [33, 33, 33], "deltas": [8, 8, 8], "features": 32},
@@ -167,7 +167,7 @@ def test_fine_tuning_imports_the_reference_checkpoint(tmp_path):
 
 def test_demo_model_is_trained_once_and_loadable(tmp_path):
     from exaconnect.ffn import load_model
-    from exaconnect.ffn.train_demo import train_demo_model
+    from exaconnect.ffn.training.demo import train_demo_model
 
     path = train_demo_model(tmp_path, seed=0, minutes=0.05, max_steps=3, progress=False)
     weights = path / "ckpt.index"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from exaconnect.errors import InputError
-from exaconnect.ffn.train_sweep import build_sweep, load_sweep, summarize_sweep, write_summary
+from exaconnect.ffn.training.sweep import build_sweep, load_sweep, summarize_sweep, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_grid_expands_to_validated_points(tmp_path):
 
 
 def test_the_shipped_configs_are_valid():
-    from exaconnect.ffn.train_config import load_train_config
+    from exaconnect.ffn.training.config import load_train_config
 
     config = load_train_config(ROOT / "configs" / "train_synthetic.yaml")
     assert config.training.max_minutes > 0
@@ -97,7 +97,7 @@ def test_train_cli_parses_config_and_overrides(tmp_path, capsys):
 
 
 def test_partition_tasks_equal_the_whole_volume_computation(tmp_path):
-    from exaconnect.ffn.train_data import compute_partitions
+    from exaconnect.ffn.training.data import compute_partitions
     from exaconnect.precomputed.bbox import Box
     from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, open_layer, read_box, write_box
     from exaconnect.services.train import create_partition_tasks
@@ -116,8 +116,8 @@ def test_partition_tasks_equal_the_whole_volume_computation(tmp_path):
     got = read_box(open_layer(str(tmp_path / "parts")), Box((0, 0, 0), (48, 48, 40)))
     np.testing.assert_array_equal(got, compute_partitions(labels, (0.2, 0.5, 0.8), (3, 4, 4)))
     # Training reads that layer instead of computing partitions itself.
-    from exaconnect.ffn.train_config import VolumeSource
-    from exaconnect.ffn.train_data import build_example_source
+    from exaconnect.ffn.training.config import VolumeSource
+    from exaconnect.ffn.training.data import build_example_source
 
     source = VolumeSource("big", str(tmp_path / "seg"), str(tmp_path / "seg"), partitions=str(tmp_path / "parts"))
     examples = build_example_source([source], (9, 9, 9), (3, 4, 4), (0.2, 0.5, 0.8), 0, 128.0, 33.0,

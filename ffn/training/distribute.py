@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from exaconnect.errors import InputError
 
-from .train_config import OptimizerConfig, TrainingConfig
+from .config import OptimizerConfig, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def configure_logical_cpus(count: int) -> None:
 
 
 def make_strategy(config: TrainingConfig) -> tf.distribute.Strategy:
-    from .device import available_devices, select_device
+    from ..device import available_devices, select_device
 
     if config.strategy == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()

@@ -23,8 +23,8 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import spsolve
 
 from exaconnect.errors import InputError
-from exaconnect.precomputed.align_coarse import apply_affine, fit_affine, fit_rigid
-from exaconnect.precomputed.align_flow import grid_points, grid_shape, sample_field
+from exaconnect.align.coarse import apply_affine, fit_affine, fit_rigid
+from exaconnect.align.flow import grid_points, grid_shape, sample_field
 
 
 @dataclass(frozen=True)

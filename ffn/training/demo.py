@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from .train_config import train_config_from_dict
+from .config import train_config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def demo_config(out_dir: str | Path, seed: int = 0, minutes: float = 4.0, max_st
 def train_demo_model(out_dir: str | Path, seed: int = 0, minutes: float = 4.0, max_steps: int = 100000,
                      progress: bool = True) -> Path:
     """Trains (or reuses) the demo FFN; returns its model directory for `ffn.load_model`."""
-    from .train_loop import MODEL_DIR, train
+    from .loop import MODEL_DIR, train
 
     out_dir = Path(out_dir)
     settings = {"seed": seed, "minutes": minutes, "max_steps": max_steps, "model": DEMO_MODEL,

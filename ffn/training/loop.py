@@ -23,9 +23,9 @@ from scipy.special import logit
 
 from exaconnect.errors import InputError
 
-from .train_augment import augment_example, valid_transforms
-from .train_config import TrainConfig, config_to_yaml
-from .train_data import ExampleSource, build_example_source
+from .augment import augment_example, valid_transforms
+from .config import TrainConfig, config_to_yaml
+from .data import ExampleSource, build_example_source
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ExampleWalk:
         # make teach it nothing the loss does not already say.
         from collections import deque
 
-        from .movement import face_moves
+        from ..movement import face_moves
 
         deltas = np.asarray(self.settings.deltas_zyx)
         limit = deltas * self.settings.fov_moves
@@ -251,7 +251,7 @@ class TrainResult:
 
 
 def _export_config(config: TrainConfig):
-    from .config import FFNConfig
+    from ..config import FFNConfig
 
     inference = replace(config.inference, image_mean=config.data.image_mean, image_stddev=config.data.image_stddev)
     return FFNConfig(model=config.model, inference=inference)
@@ -274,8 +274,8 @@ def glorot_init(model, seed: int) -> None:
 
 def _init_weights(model, config: TrainConfig) -> None:
     """Fine-tuning: weights from an exaconnect checkpoint directory or a reference TF1 prefix."""
-    from .checkpoint import load_network
-    from .config import FFNConfig
+    from ..checkpoint import load_network
+    from ..config import FFNConfig
 
     path = config.training.init_checkpoint
     # Our checkpoints carry their own config; a reference TF1 prefix does not store FOV and
@@ -304,10 +304,10 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     import tensorflow as tf
     from tqdm import tqdm
 
-    from .checkpoint import save_network
-    from .model import ConvStack3D
-    from .train_distribute import Optimizer, TrainStep, is_chief, make_strategy, ordered_variables
-    from .train_monitor import MetricsLog, plot_metrics
+    from ..checkpoint import save_network
+    from ..model import ConvStack3D
+    from .distribute import Optimizer, TrainStep, is_chief, make_strategy, ordered_variables
+    from .monitor import MetricsLog, plot_metrics
 
     t = config.training
     out_dir = Path(t.out_dir)

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from exaconnect.errors import InputError
 
-from .train_config import merge_overrides, train_config_from_dict
+from .config import merge_overrides, train_config_from_dict
 
 RESULT_FILENAME = "result.json"
 SECTIONS = ("model", "data", "augment", "optimizer", "training", "inference")
@@ -136,7 +136,7 @@ def write_result(out_dir: str | Path, result, config_point: str) -> Path:
 
 def summarize_sweep(sweep: Sweep) -> list[dict[str, Any]]:
     """Ranks finished points by the validation metric (then by final training loss)."""
-    from .train_monitor import read_metrics
+    from .monitor import read_metrics
 
     rows = []
     for point in sweep.points:
@@ -173,7 +173,7 @@ def write_summary(sweep: Sweep, rows: list[dict[str, Any]]) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .train_monitor import read_metrics
+    from .monitor import read_metrics
 
     out = Path(sweep.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ that the content at `p` in the reference is found at `p + F(p)` in the *moving* 
 
 Pipeline of `estimate_flow`:
   1. flow at a coarse scale (sections block-averaged by `coarse_factor`), patches centred on a
-     prior (the whole-section translation from align_coarse);
+     prior (the whole-section translation from align.coarse);
   2. flow at full resolution, patches centred on the coarse flow;
   3. outlier rejection: peak sharpness, first/second peak ratio, masks, deviation from the local
      median; coarse vectors fill the holes the fine pass leaves;

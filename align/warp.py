@@ -1,6 +1,6 @@
 """Rendering: resample a section through its mesh, one output region at a time.
 
-A mesh (align_mesh) maps output node `stride * (i, j)` to a position in the section's pixels;
+A mesh (align.mesh) maps output node `stride * (i, j)` to a position in the section's pixels;
 between nodes the map is bilinear. Rendering a region needs only the source pixels its map
 touches (`source_window`), which is what lets render tasks read one chunk's worth of input.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from exaconnect.precomputed.align_flow import grid_points
+from exaconnect.align.flow import grid_points
 
 
 def region_map(mesh: np.ndarray, stride: int, region: tuple[int, int, int, int]) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 from exaconnect.errors import InputError
 
-from .config import InferenceOptions, ModelConfig, inference_options_from_dict, model_config_from_dict
+from ..config import InferenceOptions, ModelConfig, inference_options_from_dict, model_config_from_dict
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
 FOV_POLICIES = ("fixed", "max_pred")

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .train_config import AugmentConfig
+from .config import AugmentConfig
 
 
 @dataclass(frozen=True)

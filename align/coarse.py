@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exaconnect.errors import InputError
-from exaconnect.precomputed.align_flow import downsample, section_mask
+from exaconnect.align.flow import downsample, section_mask
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from exaconnect.precomputed.align_coarse import CoarseConfig, estimate_translation
-from exaconnect.precomputed.align_flow import FlowConfig, FlowField, estimate_flow, section_mask
-from exaconnect.precomputed.align_mesh import (MeshConfig, SectionFlow, block_ranges, compose_blocks,
+from exaconnect.align.coarse import CoarseConfig, estimate_translation
+from exaconnect.align.flow import FlowConfig, FlowField, estimate_flow, section_mask
+from exaconnect.align.mesh import (MeshConfig, SectionFlow, block_ranges, compose_blocks,
                                                detrend_meshes, identity_mesh, solve_block)
 
 

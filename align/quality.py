@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exaconnect.precomputed.align_flow import FlowConfig, estimate_flow, section_mask
-from exaconnect.precomputed.align_warp import region_map
+from exaconnect.align.flow import FlowConfig, estimate_flow, section_mask
+from exaconnect.align.warp import region_map
 
 
 def chunked_correlation(a: np.ndarray, b: np.ndarray, chunk: int = 50, valid: np.ndarray | None = None,

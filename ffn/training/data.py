@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from exaconnect.errors import InputError
 
-from .train_config import VolumeSource
+from .config import VolumeSource
 
 logger = logging.getLogger(__name__)
 

@@ -54,22 +54,15 @@ def stage_split(run, pass_name: str) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in totals.items()}
 
 
-def restitch(staging: str, queue: str, workers: int):
-    """Rerun faces, equivalence and relabel on finished FFN results."""
-    from cloudfiles import CloudFiles
+def forget_stitching(staging: str) -> None:
+    """Make the runner redo faces, equivalence and relabel on finished FFN results (after a
+    change of the matching rules, say): their files and their stage records go."""
+    from exaconnect.precomputed.store import ArtifactStore
+    from exaconnect.services.runner import forget_stages
 
-    from exaconnect.services.segment_run import StageTimes, run_stage
-    from exaconnect.services.segment_staging import load_run
-    from exaconnect.services.stitch import create_equivalence_tasks, create_faces_tasks, create_relabel_tasks
-
-    files = CloudFiles(staging)
-    files.delete([p for p in files.list() if p.startswith(("faces/", "equivalence/"))])
-    run = load_run(staging)
-    times = StageTimes()
-    for stage, make in (("stitch-faces", create_faces_tasks), ("stitch-equivalence", create_equivalence_tasks),
-                        ("stitch-relabel", create_relabel_tasks)):
-        times.seconds[stage], times.tasks[stage] = run_stage(queue, stage, make(run), workers)
-    return run, times
+    for folder in ("faces", "equivalence"):
+        ArtifactStore(staging).delete_prefix(folder)
+    forget_stages(f"{staging}/run", ["segment.faces", "segment.equivalence", "segment.relabel", "segment.pyramid"])
 
 
 def main() -> int:
@@ -106,11 +99,10 @@ def main() -> int:
 
     started = time.perf_counter()
     if args.restitch:
-        run, times = restitch(str(work / "segmentation.staging"), str(work / "queue"), args.workers)
-    else:
-        plan = SegmentPlan(str(work / "image"), str(work / "segmentation"), (PassSpec("initial", str(CHECKPOINT)),),
-                           subvolume=(sub, sub, sub), overlap=(ov, ov, ov), downsample_mips=1)
-        run, times = segment_volume(plan, str(work / "queue"), workers=args.workers)
+        forget_stitching(str(work / "segmentation.staging"))
+    plan = SegmentPlan(str(work / "image"), str(work / "segmentation"), (PassSpec("initial", str(CHECKPOINT)),),
+                       subvolume=(sub, sub, sub), overlap=(ov, ov, ov), downsample_mips=1)
+    run, report = segment_volume(plan, str(work / "queue"), workers=args.workers)
     total = time.perf_counter() - started
     stitched = read_box(open_layer(run.segmentation_layer), box)
     np.savez_compressed(work / "stitched.npz", segmentation=stitched)
@@ -122,7 +114,7 @@ def main() -> int:
         "stitched": segmentation_metrics(stitched, groundtruth, ignore_segmentation_zero=True),
         "stitched_unlabelled_fraction": round(float((stitched == 0).mean()), 4),
         "stitched_face_splits": objects_split_at_planes(stitched, groundtruth, planes),
-        "seconds": {k: round(v, 1) for k, v in times.seconds.items()},
+        "seconds": {k: round(v, 1) for k, v in report.seconds.items()},
         "total_s": round(total, 1),
         "voxels_per_s": round(n**3 / total, 1),
         "task_time_split": stage_split(run, "initial"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+from dataclasses import replace as dataclass_replace
 from typing import Iterable
 
 import numpy as np
@@ -26,6 +26,7 @@ from taskqueue import RegisteredTask
 
 from exaconnect.errors import InputError, LayerError
 from exaconnect.precomputed.bbox import Box, chunk_grid
+from exaconnect.precomputed.store import ArtifactStore
 from exaconnect.precomputed.layers import (LayerSpec, Provenance, create_layer, layer_bounds, layer_url, local_path,
                                            open_layer, read_box, write_box)
 from exaconnect.align.match import AlignConfig, finalize_meshes, match_section
@@ -38,33 +39,14 @@ ALIGN_DIR = "align"
 # ---------------------------------------------------------------- files beside the layer
 
 def put_file(layer: str, key: str, data: bytes) -> None:
-    """Write `key` under the layer atomically: a temporary file renamed into place on local
-    disk (a reader never sees half a file), a single PUT on object stores."""
-    path = local_path(layer)
-    if path is not None:
-        final = os.path.join(path, key)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, final)
-        return
-    from cloudfiles import CloudFiles
-
-    CloudFiles(layer_url(layer)).put(key, data, compress=None, cache_control="no-cache")
+    """Write `key` under the layer through the run store (precomputed/store.py): atomically, and
+    vouched for by a `.done` marker, so no stage reads half a file."""
+    ArtifactStore(layer).put(key, data)
 
 
 def get_file(layer: str, key: str) -> bytes | None:
-    path = local_path(layer)
-    if path is not None:
-        full = os.path.join(path, key)
-        if not os.path.exists(full):
-            return None
-        with open(full, "rb") as f:
-            return f.read()
-    from cloudfiles import CloudFiles
-
-    return CloudFiles(layer_url(layer)).get(key)
+    """A completed file under the layer, or None when absent or unfinished."""
+    return ArtifactStore(layer).get(key)
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -128,11 +110,17 @@ class AlignFlowTask(RegisteredTask):
         vol = open_layer(self.src, fill_missing=True)
         bounds = layer_bounds(vol)
         first = max(0, int(self.z_start) - config.max_skip)
-        stack = _read_sections(vol, bounds, first, int(self.z_stop))
-        sections = {first + i: stack[i] for i in range(stack.shape[0])}
-        masks: dict = {}
-        for z in range(int(self.z_start), int(self.z_stop)):
-            match = match_section(sections, z, config, masks)
+        width, height, _ = bounds.shape
+        tile = config.flow.tile_size
+        if tile and max(height, width) > tile:
+            matches = _match_tiled(vol, bounds, first, int(self.z_start), int(self.z_stop), config)
+        else:
+            stack = _read_sections(vol, bounds, first, int(self.z_stop))
+            sections = {first + i: stack[i] for i in range(stack.shape[0])}
+            cache: dict = {}  # prepared sections, shared by the pairs each section is part of
+            matches = (match_section(sections, z, config, cache) for z in range(int(self.z_start), int(self.z_stop)))
+        for match in matches:
+            z = match.z
             field = match.field
             report = {
                 "z": z, "reference": match.reference, "status": match.status, "tried": match.tried,
@@ -149,6 +137,42 @@ class AlignFlowTask(RegisteredTask):
                 flow_stride=np.int64(field.stride if field is not None else 0),
                 report=np.str_(json.dumps(report)),
             ))
+
+
+def _read_window(vol, bounds: Box, z: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Pixels y0:y1, x0:x1 of section z (indices from the layer's origin), zero outside it."""
+    width, height, _ = bounds.shape
+    out = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
+    cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, height), max(x0, 0), min(x1, width)
+    if cy0 < cy1 and cx0 < cx1:
+        box = Box((bounds.start[0] + cx0, bounds.start[1] + cy0, bounds.start[2] + z),
+                  (bounds.start[0] + cx1, bounds.start[1] + cy1, bounds.start[2] + z + 1))
+        out[cy0 - y0: cy1 - y0, cx0 - x0: cx1 - x0] = read_box(vol, box)[0]
+    return out
+
+
+def _match_tiled(vol, bounds: Box, first: int, z_start: int, z_stop: int, config: AlignConfig):
+    """Matches of sections too big to hold (wider than flow.tile_size): block-mean overviews read
+    strip by strip, then flow tile by tile on windows read from the layer (align.match)."""
+    from exaconnect.align.flow import downsample
+    from exaconnect.align.match import match_section_tiled, overview_factor
+
+    width, height, _ = bounds.shape
+    factor = overview_factor((height, width))
+    strip = max(factor, (config.flow.tile_size // factor) * factor)
+    overviews = {}
+    for z in range(first, z_stop):
+        # Tile by tile (strip x strip px), so that no full-resolution section is ever held.
+        ov = np.zeros((height // factor, width // factor), np.float32)
+        for y in range(0, (height // factor) * factor, strip):
+            for x in range(0, (width // factor) * factor, strip):
+                y1, x1 = min(y + strip, (height // factor) * factor), min(x + strip, (width // factor) * factor)
+                ov[y // factor: y1 // factor, x // factor: x1 // factor] = downsample(
+                    _read_window(vol, bounds, z, y, y1, x, x1), factor)
+        overviews[z] = ov
+    read = lambda z, y0, y1, x0, x1: _read_window(vol, bounds, z, y0, y1, x0, x1)  # noqa: E731
+    for z in range(z_start, z_stop):
+        yield match_section_tiled(read, overviews, factor, z, (height, width), config)
 
 
 def _destination_spec(src_vol) -> LayerSpec:
@@ -228,7 +252,9 @@ class AlignComposeTask(RegisteredTask):
             blocks.append((start, {int(z): m for z, m in zip(data["z"], data["meshes"])}))
         reports = {z: load_section_report(self.dest, z) for z in range(depth)}
         statuses = {z: r["status"] for z, r in reports.items()}
-        meshes = finalize_meshes(blocks, (height, width), statuses, config.mesh)
+        drift: dict = {}
+        meshes = finalize_meshes(blocks, (height, width), statuses, config.mesh, drift)
+        put_file(self.dest, f"{ALIGN_DIR}/drift.json", json.dumps(drift, indent=1).encode())
         zs = sorted(meshes)
         inverted = np.array([z for z, s in statuses.items() if s == "inverted"], dtype=np.int64)
         put_file(self.dest, f"{ALIGN_DIR}/meshes.npz", _npz_bytes(z=np.array(zs), meshes=np.stack([meshes[z] for z in zs]),
@@ -308,9 +334,9 @@ def create_align_render_tasks(src: str, dest: str, task_shape: tuple[int, int, i
             for cell in chunk_grid(layer_bounds(dest_vol), shape, align_to=chunk)]
 
 
-# ---------------------------------------------------------------- all stages, locally
+# ---------------------------------------------------------------- the stages, as data
 
-STAGES = ("flow", "mesh", "compose", "render")
+STAGES = ("flow", "mesh", "compose", "render", "report")
 
 
 def stage_tasks(stage: str, src: str, dest: str, config: AlignConfig | None = None) -> list:
@@ -322,34 +348,88 @@ def stage_tasks(stage: str, src: str, dest: str, config: AlignConfig | None = No
         return create_align_compose_tasks(dest)
     if stage == "render":
         return create_align_render_tasks(src, dest)
+    if stage == "report":
+        return [AlignReportTask(layer_url(src), layer_url(dest))]
     raise InputError(f"align stage {stage!r}: expected one of {STAGES}")
 
 
+def align_stages(src: str, dest: str, config: AlignConfig, requires: tuple[str, ...] = (),
+                 prefix: str = "align") -> list:
+    """flow -> mesh -> compose -> render -> report as runner stages named `PREFIX.STAGE`."""
+    from exaconnect.services.stages import Stage
+
+    src_url, dest_url = layer_url(src), layer_url(dest)
+    parameters = {"src": src_url, "dest": dest_url, "config": config.as_dict()}
+    stages, previous = [], tuple(requires)
+    for stage in STAGES:
+        name = f"{prefix}.{stage}"
+        writes = (dest_url,) if stage == "render" else (f"{dest_url}/{ALIGN_DIR}/{stage}",)
+        stages.append(Stage(name, "align", lambda stage=stage: stage_tasks(stage, src_url, dest_url, _resolve(config)), previous,
+                            reads=(src_url,), writes=writes, parameters={**parameters, "stage": stage},
+                            description=f"alignment: {stage}"))
+        previous = (name,)
+    return stages
+
+
+def _resolve(config):
+    """A config whose defaults depend on the source layer is resolved when its stage starts
+    (the layer may not exist when the stages are planned)."""
+    return config.resolve() if hasattr(config, "resolve") else config
+
+
 def align_stack_through_queue(src: str, dest: str, queue: str, workers: int = 1, config: AlignConfig = AlignConfig(),
-                              stages: Iterable[str] = STAGES) -> dict[str, float]:
-    """Run the stages in order, each enqueued on `queue` and drained by `workers` local worker
-    processes (1: in this process). Returns seconds per stage; raises if a task dead-letters."""
-    import time
+                              stages: Iterable[str] = STAGES[:-1]) -> dict[str, float]:
+    """The align stages through the runner with `workers` local workers (1: in this process),
+    queues under `queue`; returns seconds per stage; raises if a task dead-letters."""
+    from exaconnect.services.runner import RunnerOptions, run_stages
 
-    from exaconnect.errors import ExaconnectError
-    from exaconnect.services.queue import enqueue, queue_status
-    from exaconnect.services.worker import Worker, WorkerOptions, run_workers
+    wanted = set(stages)
+    chosen = [s for s in align_stages(src, dest, config) if s.name.split(".", 1)[1] in wanted]
+    chosen = [dataclass_replace(s, requires=tuple(r for r in s.requires if r.split(".", 1)[1] in wanted)) for s in chosen]
+    report = run_stages(chosen, RunnerOptions(queue, f"{layer_url(dest)}/{ALIGN_DIR}/run", workers=workers,
+                                              progress=False))
+    return {name.split(".", 1)[1]: seconds for name, seconds in report.seconds.items()}
 
-    seconds = {}
-    for stage in stages:
-        started = time.time()
-        tasks = stage_tasks(stage, src, dest, config)
-        count = enqueue(queue, tasks, description=f"align {stage}")
-        options = WorkerOptions(lease_seconds=600, exit_when_empty=True, idle_poll_seconds=0.2)
-        if workers <= 1:
-            Worker(queue, options).run()
-        else:
-            run_workers(queue, options, processes=min(workers, count))
-        status = queue_status(queue)
-        if status.failed or status.enqueued:
-            raise ExaconnectError(f"align stage {stage}: {status.failed} tasks failed, {status.enqueued} left on {queue}")
-        seconds[stage] = time.time() - started
-    return seconds
+
+class AlignReportTask(RegisteredTask):
+    """The quality report of a finished alignment (report.json + report.png beside the layer)."""
+
+    def __init__(self, src: str, dest: str):
+        super().__init__(src, dest)
+
+    def execute(self) -> None:
+        align_report(self.src, self.dest)
+
+
+class AlignApplyTask(RegisteredTask):
+    """Render one box of another layer (labels, another channel) through a finished alignment's
+    meshes: `alignment` is the aligned image layer that holds them. Labels use order 0 (nearest)."""
+
+    def __init__(self, src: str, dest: str, alignment: str, box: list[int], order: int = 0):
+        super().__init__(src, dest, alignment, box, order)
+
+    def execute(self) -> None:
+        src_vol = open_layer(self.src)
+        meshes, stride = load_meshes(self.alignment)
+        box = Box.from_list(self.box)
+        out = render_box(src_vol, meshes, stride, layer_bounds(src_vol), box, order=int(self.order))
+        write_box(open_layer(self.dest), box, out)
+
+
+def create_align_apply_tasks(src: str, dest: str, alignment: str, order: int = 0) -> list[AlignApplyTask]:
+    """Create `dest` with `src`'s geometry and one task per chunk-aligned box."""
+    load_meshes(alignment)
+    src_vol = open_layer(src)
+    bounds = layer_bounds(src_vol)
+    scale = src_vol.info["scales"][0]
+    spec = LayerSpec(src_vol.info["type"], np.dtype(src_vol.dtype).name, bounds.shape, tuple(scale["resolution"]),
+                     bounds.start, tuple(scale["chunk_sizes"][0]))
+    create_layer(dest, spec, Provenance("align-apply", {"alignment": layer_url(alignment), "order": order},
+                                        [layer_url(src), layer_url(alignment)]), overwrite=True)
+    chunk = spec.chunk_size
+    shape = (chunk[0] * 4, chunk[1] * 4, chunk[2])
+    return [AlignApplyTask(layer_url(src), layer_url(dest), layer_url(alignment), cell.write.to_list(), order)
+            for cell in chunk_grid(bounds, shape, align_to=chunk)]
 
 
 # ---------------------------------------------------------------- quality report
@@ -376,10 +456,8 @@ def align_report(src: str, dest: str, out_png: str | None = None, crop: int = 51
     usable = [z for z in range(depth) if statuses.get(z, "ok") not in ("blank", "unmatched", "inverted")]
     corr_before = neighbor_correlations(before, usable)
     corr_after = neighbor_correlations(after, usable)
-    residual_config = flow_config or FlowConfig(patch_size=config.flow.patch_size, stride=config.flow.stride * 2,
-                                                coarse_factor=1, refine_iterations=0,
-                                                min_peak_sharpness=config.flow.min_peak_sharpness,
-                                                min_peak_ratio=config.flow.min_peak_ratio)
+    # The alignment's own matcher on a grid half as dense: what neighbours still show as motion.
+    residual_config = flow_config or dataclass_replace(config.flow, stride=config.flow.stride * 2, tile_size=0)
     residual = residual_flow(after, usable, residual_config)
     valid_fraction = {int(s["z"]): float(s["valid_fraction"]) for s in sections}
 
@@ -396,6 +474,11 @@ def align_report(src: str, dest: str, out_png: str | None = None, crop: int = 51
         "median_residual_flow_px": mean([r["median_px"] for r in residual.values()]),
         "p95_residual_flow_px": mean([r["p95_px"] for r in residual.values()]),
         "mean_valid_flow_fraction": mean([valid_fraction[z] for z in usable if z in valid_fraction and statuses.get(z) != "first"]),
+        # Blank and unmatched sections carry their neighbour's mesh; inverted ones are rendered
+        # with their contrast restored; the section after a bad one matched further back.
+        "bridged_sections": {str(z): {"status": s["status"], "reference": s["reference"]} for z, s in
+                             ((int(r["z"]), r) for r in sections) if s["status"] not in ("ok", "first")},
+        "drift": json.loads(get_file(dest, f"{ALIGN_DIR}/drift.json") or b"null"),
         "per_section": {str(z): {"status": statuses.get(z), "correlation_before": corr_before.get(z),
                                  "correlation_after": corr_after.get(z), "residual": residual.get(z),
                                  "valid_fraction": valid_fraction.get(z)} for z in range(depth)},

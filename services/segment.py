@@ -37,6 +37,7 @@ from exaconnect.precomputed.layers import (
 )
 from exaconnect.precomputed.stitching import MatchOptions, split_consensus
 from exaconnect.services.segment_staging import (
+    MANIFEST,
     PassSpec,
     SegmentGrid,
     SegmentRun,
@@ -48,6 +49,7 @@ from exaconnect.services.segment_staging import (
     put_complete,
     read_labels,
     save_run,
+    store,
 )
 
 log = logging.getLogger("exaconnect.segment")
@@ -169,11 +171,10 @@ def prepare_run(
             raise LayerError(f"staging {staging} holds a run with another grid or image; pass --overwrite or another --staging")
         return existing
     if existing is not None:
-        from cloudfiles import CloudFiles
-
         # A new run: finished files of the old one would otherwise be skipped as done work.
-        files = CloudFiles(staging)
-        files.delete(list(files.list()))
+        for folder in ("labels", "faces", "equivalence"):
+            store(staging).delete_prefix(folder)
+        store(staging).delete(MANIFEST)
     save_run(run)
     return run
 
@@ -185,12 +186,9 @@ def add_pass(staging: str, spec: PassSpec) -> SegmentRun:
         run.pass_spec(spec.consensus_with)
     old = [p for p in run.passes if p.name == spec.name]
     if old and old[0] != spec:
-        from cloudfiles import CloudFiles
-
         # Same name, other settings: its finished files would be skipped as done work.
-        files = CloudFiles(run.staging)
         for folder in ("labels", "faces", "equivalence"):
-            files.delete(list(files.list(prefix=f"{folder}/{spec.name}/")))
+            store(run.staging).delete_prefix(f"{folder}/{spec.name}/")
     passes = tuple(p for p in run.passes if p.name != spec.name) + (spec,)
     run = replace(run, passes=passes)
     save_run(run)

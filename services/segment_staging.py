@@ -2,16 +2,13 @@
 with a completion marker.
 
 Read boxes of neighbouring subvolumes overlap, so inference cannot write into shared chunks of
-a layer: every task writes its own file under the staging folder instead. A file counts only
-once its `.done` marker (written last, holding the file's SHA-256) is present and matches, so a
-task killed mid-write leaves nothing that a later stage would read, and a rerun simply writes
-the same file again. Staging is a CloudFiles URL: a shared filesystem (Lustre, DAOS's POSIX
-interface) or an object store.
+a layer: every task writes its own file under the staging folder instead, through the run's
+`ArtifactStore` (precomputed/store.py), so a file counts only once its `.done` marker vouches
+for it. Staging is a URL: a shared filesystem (Lustre, DAOS's POSIX interface) or an object store.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,7 +19,8 @@ import numpy as np
 from exaconnect.errors import InputError, LayerError
 from exaconnect.ffn.config import SEED_ORDERS
 from exaconnect.precomputed.bbox import Box, GridCell, Triple, chunk_grid
-from exaconnect.precomputed.layers import layer_url, local_path
+from exaconnect.precomputed.layers import layer_url
+from exaconnect.precomputed.store import ArtifactStore
 from exaconnect.precomputed.stitching import MatchOptions
 
 MANIFEST = "segment.json"
@@ -152,18 +150,16 @@ def default_staging(segmentation_layer: str) -> str:
     return layer_url(segmentation_layer) + ".staging"
 
 
-def _files(staging: str):
-    from cloudfiles import CloudFiles
-
-    return CloudFiles(layer_url(staging))
+def store(staging: str) -> ArtifactStore:
+    return ArtifactStore(staging)
 
 
 def save_run(run: SegmentRun) -> None:
-    _files(run.staging).put_json(MANIFEST, run.to_dict())
+    store(run.staging).put_json(MANIFEST, run.to_dict())
 
 
 def load_run(staging: str) -> SegmentRun:
-    data = _files(staging).get_json(MANIFEST)
+    data = store(staging).get_json(MANIFEST)
     if data is None:
         raise LayerError(f"{layer_url(staging)}/{MANIFEST} not found; expected the staging folder of a segment run")
     return SegmentRun.from_dict(data)
@@ -188,38 +184,20 @@ def equivalence_path(pass_name: str, which: str) -> str:
 
 
 def put_complete(staging: str, path: str, data: bytes, info: dict[str, Any] | None = None) -> None:
-    """Write `path`, then its marker; the marker is removed first so that a rerun that dies
-    half-way never leaves an old marker vouching for a new, partial file."""
-    cf = _files(staging)
-    cf.delete(path + ".done")
-    cf.put(path, data, compress=None, raw=True)
-    record = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **(info or {})}
-    cf.put_json(path + ".done", record)
+    store(staging).put(path, data, info)
 
 
 def marker(staging: str, path: str) -> dict | None:
-    """The completion marker of `path`, or None if the file is not complete."""
-    return _files(staging).get_json(path + ".done")
+    return store(staging).marker(path)
 
 
 def get_complete(staging: str, path: str) -> bytes:
     """The bytes of a completed file; LayerError if it is absent, unfinished or corrupt."""
-    done = marker(staging, path)
-    where = f"{layer_url(staging)}/{path}"
-    if done is None:
-        raise LayerError(f"{where} is not complete (no .done marker); its task has not finished yet")
-    data = _files(staging).get(path, raw=True)
-    if data is None or hashlib.sha256(data).hexdigest() != done["sha256"]:
-        raise LayerError(f"{where} does not match its .done marker; rerun the task that writes it")
-    return data
+    return store(staging).require(path)
 
 
 def is_complete(staging: str, path: str) -> bool:
-    try:
-        get_complete(staging, path)
-    except LayerError:
-        return False
-    return True
+    return store(staging).is_complete(path)
 
 
 def encode_labels(labels: np.ndarray, read_box: Box) -> bytes:
@@ -243,14 +221,15 @@ def encode_array(array: np.ndarray) -> bytes:
 def read_array(staging: str, path: str, mmap: bool = False) -> np.ndarray:
     """A completed .npy; memory-mapped on a local or shared filesystem when `mmap` (the
     equivalence map is read by every relabel task, each needing only its own slice)."""
-    root = local_path(layer_url(staging))
-    if mmap and root is not None:
-        done = marker(staging, path)
+    files = store(staging)
+    local = files.local_file(path)
+    if mmap and local is not None:
+        done = files.marker(path)
         if done is None:
             raise LayerError(f"{layer_url(staging)}/{path} is not complete (no .done marker)")
-        array = np.load(f"{root}/{path}", mmap_mode="r")
+        array = np.load(local, mmap_mode="r")
         # A full hash would read the whole file; size is what a torn write changes.
-        if os.path.getsize(f"{root}/{path}") != done["bytes"]:
+        if os.path.getsize(local) != done["bytes"]:
             raise LayerError(f"{layer_url(staging)}/{path} does not match its .done marker")
         return array
     return np.load(io.BytesIO(get_complete(staging, path)), allow_pickle=False)

@@ -71,7 +71,7 @@ def face_edges(run: SegmentRun, pass_name: str, index) -> np.ndarray:
     return np.concatenate(edges)
 
 
-class StitchFacesTask(RegisteredTask):
+class SegmentFacesTask(RegisteredTask):
     """Match one subvolume's objects with its +x, +y, +z neighbours' in the overlaps."""
 
     def __init__(self, staging: str, pass_name: str, index: list):
@@ -108,7 +108,7 @@ def gather_edges(run: SegmentRun, pass_name: str, threads: int = 16) -> np.ndarr
     return np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)
 
 
-class StitchEquivalenceTask(RegisteredTask):
+class SegmentEquivalenceTask(RegisteredTask):
     """Join all face matches of a pass into one sorted global ID -> representative map."""
 
     def __init__(self, staging: str, pass_name: str):
@@ -142,7 +142,7 @@ def relabel_cell(run: SegmentRun, pass_name: str, index) -> tuple[np.ndarray, Bo
     return apply_equivalence(core, ids, roots), cell.write
 
 
-class StitchRelabelTask(RegisteredTask):
+class SegmentRelabelTask(RegisteredTask):
     """Write one cell's core into the segmentation layer with global, stitched IDs. Rewriting
     gives the same chunks, so a rerun is harmless."""
 
@@ -155,19 +155,19 @@ class StitchRelabelTask(RegisteredTask):
         write_box(open_layer(run.segmentation_layer, layer_type="segmentation"), box, labels)
 
 
-def create_faces_tasks(run: SegmentRun, pass_name: str | None = None) -> list[StitchFacesTask]:
+def create_faces_tasks(run: SegmentRun, pass_name: str | None = None) -> list[SegmentFacesTask]:
     name = pass_name or run.final_pass
     run.pass_spec(name)
-    return [StitchFacesTask(run.staging, name, list(c.index)) for c in run.grid.cells()]
+    return [SegmentFacesTask(run.staging, name, list(c.index)) for c in run.grid.cells()]
 
 
-def create_equivalence_tasks(run: SegmentRun, pass_name: str | None = None) -> list[StitchEquivalenceTask]:
+def create_equivalence_tasks(run: SegmentRun, pass_name: str | None = None) -> list[SegmentEquivalenceTask]:
     name = pass_name or run.final_pass
     run.pass_spec(name)
-    return [StitchEquivalenceTask(run.staging, name)]
+    return [SegmentEquivalenceTask(run.staging, name)]
 
 
-def create_relabel_tasks(run: SegmentRun, pass_name: str | None = None) -> list[StitchRelabelTask]:
+def create_relabel_tasks(run: SegmentRun, pass_name: str | None = None) -> list[SegmentRelabelTask]:
     name = pass_name or run.final_pass
     run.pass_spec(name)
-    return [StitchRelabelTask(run.staging, name, list(c.index)) for c in run.grid.cells()]
+    return [SegmentRelabelTask(run.staging, name, list(c.index)) for c in run.grid.cells()]

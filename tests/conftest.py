@@ -107,3 +107,20 @@ def fib25_groundtruth() -> np.ndarray:
 
     with h5py.File(FIB25 / "groundtruth.h5", "r") as f:
         return f["stack"][:]
+
+
+def make_tiny_ffn(path: Path) -> str:
+    """A 2-module FFN with fixed random weights saved at `path`: its output is arbitrary but
+    deterministic, which is what rerun, resume and stitching guarantees are about."""
+    from exaconnect.ffn.checkpoint import save_network
+    from exaconnect.ffn.config import FFNConfig, InferenceOptions, ModelConfig
+    from exaconnect.ffn.model import ConvStack3D
+
+    config = ModelConfig(depth=2, fov_size=(9, 9, 9), deltas=(2, 2, 2), features=4)
+    model = ConvStack3D(config)
+    rng = np.random.default_rng(3)
+    weights, biases = model.numpy_weights()
+    model.assign({k: rng.normal(scale=0.3, size=v.shape) for k, v in weights.items()},
+                 {k: rng.normal(scale=0.1, size=v.shape) + (2.0 if k == "conv_lom" else 0.0) for k, v in biases.items()})
+    save_network(model, path, FFNConfig(model=config, inference=InferenceOptions(min_segment_size=10)))
+    return str(path)

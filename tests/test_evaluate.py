@@ -84,7 +84,7 @@ def test_evaluate_cli_on_precomputed_layers(tmp_path, capsys):
     seg[:8][seg[:8] == 1] = 5  # one split
     for name, array in (("gt", gt), ("seg", seg)):
         np.save(tmp_path / f"{name}.npy", array)
-        assert main(["ingest", str(tmp_path / f"{name}.npy"), str(tmp_path / name), "--resolution", "8,8,8",
+        assert main(["ingest", "run", str(tmp_path / f"{name}.npy"), str(tmp_path / name), "--resolution", "8,8,8",
                      "--type", "segmentation", "--chunk-size", "16,16,16"]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "seg"), str(tmp_path / "gt")]) == 0

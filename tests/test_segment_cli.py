@@ -1,4 +1,4 @@
-"""`exaconnect segment` with the published FIB-25 checkpoint reproduces the reference 64^3 crop."""
+"""`exaconnect segment box` with the published FIB-25 checkpoint reproduces the reference 64^3 crop."""
 
 import json
 
@@ -13,9 +13,9 @@ from exaconnect.precomputed.layers import open_layer, read_box
 
 def test_segment_cli_reproduces_reference_crop64(tmp_path, shared_dir, capsys):
     fib = shared_dir / "data/fib25/training_sample2"
-    assert main(["ingest", str(fib / "grayscale_maps"), str(tmp_path / "image"), "--resolution", "10,10,10"]) == 0
+    assert main(["ingest", "run", str(fib / "grayscale_maps"), str(tmp_path / "image"), "--resolution", "10,10,10"]) == 0
     model = shared_dir / "models/ffn-fib25/model.ckpt-27465036"
-    code = main(["segment", str(tmp_path / "image"), str(tmp_path / "seg"), "--model", str(model),
+    code = main(["segment", "box", str(tmp_path / "image"), str(tmp_path / "seg"), "--model", str(model),
                  "--bbox", "0,0,0,64,64,64", "--counters", str(tmp_path / "counters.json")])
     assert code == 0, capsys.readouterr().err
     ours = read_box(open_layer(str(tmp_path / "seg")), Box((0, 0, 0), (64, 64, 64)))
@@ -30,8 +30,8 @@ def test_segment_cli_reproduces_reference_crop64(tmp_path, shared_dir, capsys):
 
 def test_segment_cli_rejects_a_box_outside_the_layer(tmp_path, shared_dir, capsys):
     np.save(tmp_path / "img.npy", np.zeros((40, 40, 40), np.uint8))
-    assert main(["ingest", str(tmp_path / "img.npy"), str(tmp_path / "image"), "--resolution", "10,10,10"]) == 0
-    code = main(["segment", str(tmp_path / "image"), str(tmp_path / "seg"), "--model", "unused",
+    assert main(["ingest", "run", str(tmp_path / "img.npy"), str(tmp_path / "image"), "--resolution", "10,10,10"]) == 0
+    code = main(["segment", "box", str(tmp_path / "image"), str(tmp_path / "seg"), "--model", "unused",
                  "--bbox", "0,0,0,64,64,64"])
     assert code == 2 and "outside the layer bounds" in capsys.readouterr().err
     assert not (tmp_path / "seg").exists()
@@ -40,9 +40,9 @@ def test_segment_cli_rejects_a_box_outside_the_layer(tmp_path, shared_dir, capsy
 def test_segment_cli_fill_unsegmented_gives_a_dense_layer(tmp_path, shared_dir, capsys):
     """--fill-unsegmented keeps every FFN voxel and hands the crop's 51 % of gaps to objects."""
     fib = shared_dir / "data/fib25/training_sample2"
-    assert main(["ingest", str(fib / "grayscale_maps"), str(tmp_path / "image"), "--resolution", "10,10,10"]) == 0
+    assert main(["ingest", "run", str(fib / "grayscale_maps"), str(tmp_path / "image"), "--resolution", "10,10,10"]) == 0
     model = shared_dir / "models/ffn-fib25/model.ckpt-27465036"
-    code = main(["segment", str(tmp_path / "image"), str(tmp_path / "seg"), "--model", str(model),
+    code = main(["segment", "box", str(tmp_path / "image"), str(tmp_path / "seg"), "--model", str(model),
                  "--bbox", "0,0,0,64,64,64", "--fill-unsegmented", "--counters", str(tmp_path / "counters.json")])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "counters.json").read_text())

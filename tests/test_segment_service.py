@@ -42,36 +42,28 @@ def sample(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_model(sample):
-    """A 2-module FFN with fixed random weights; its output is arbitrary but deterministic, which
-    is what the service's rerun and stitching guarantees are about."""
-    from exaconnect.ffn.checkpoint import save_network
-    from exaconnect.ffn.config import FFNConfig, InferenceOptions, ModelConfig
-    from exaconnect.ffn.model import ConvStack3D
+    from conftest import make_tiny_ffn
 
-    root = sample[0]
-    config = ModelConfig(depth=2, fov_size=(9, 9, 9), deltas=(2, 2, 2), features=4)
-    model = ConvStack3D(config)
-    rng = np.random.default_rng(3)
-    weights, biases = model.numpy_weights()
-    model.assign({k: rng.normal(scale=0.3, size=v.shape) for k, v in weights.items()},
-                 {k: rng.normal(scale=0.1, size=v.shape) + (2.0 if k == "conv_lom" else 0.0) for k, v in biases.items()})
-    save_network(model, root / "tiny_ffn", FFNConfig(model=config, inference=InferenceOptions(min_segment_size=10)))
-    return str(root / "tiny_ffn")
+    return make_tiny_ffn(sample[0] / "tiny_ffn")
 
 
 def test_ffn_passes_stitch_and_rerun_through_the_queue(sample, tiny_model):
     from exaconnect.services.segment import SegmentTask
     from exaconnect.services.segment_run import SegmentPlan, segment_volume
-    from exaconnect.services.stitch import StitchFacesTask, relabel_cell
+    from exaconnect.services.stitch import SegmentFacesTask, relabel_cell
 
     root, _, _ = sample
     passes = (PassSpec("initial", tiny_model),
               PassSpec("refine", tiny_model, seed_order="reverse", consensus_with="initial"))
     plan = SegmentPlan(str(root / "image"), str(root / "ffn_seg"), passes, SUBVOLUME, OVERLAP, downsample_mips=1)
     # One in-process worker keeps this test quick; test_stitch_stages_... runs two processes.
-    run, times = segment_volume(plan, str(root / "queue_ffn"), workers=1)
-    assert times.tasks == {"segment-initial": 8, "segment-refine": 8, "stitch-faces": 8,
-                           "stitch-equivalence": 1, "stitch-relabel": 8, "downsample": 1}
+    run, report = segment_volume(plan, str(root / "queue_ffn"), workers=1, progress=False)
+    assert {name: r.tasks for name, r in report.results.items()} == {
+        "segment.initial": 8, "segment.refine": 8, "segment.faces": 8, "segment.equivalence": 1,
+        "segment.relabel": 8, "segment.pyramid": 1}
+    # A second run finds every stage complete and does nothing.
+    _, again = segment_volume(plan, str(root / "queue_ffn"), workers=1, progress=False)
+    assert {r.status for r in again.results.values()} == {"skipped"}
 
     seg = open_layer(run.segmentation_layer)
     size = tuple(reversed(SHAPE))
@@ -102,7 +94,7 @@ def test_ffn_passes_stitch_and_rerun_through_the_queue(sample, tiny_model):
     cf.put(path, before[: len(before) // 2], compress=None, raw=True)
     assert not is_complete(run.staging, path)
     with pytest.raises(LayerError, match="not complete"):
-        StitchFacesTask(run.staging, "initial", [1, 0, 0]).execute()
+        SegmentFacesTask(run.staging, "initial", [1, 0, 0]).execute()
     SegmentTask(run.staging, "initial", index).execute()
     assert get_complete(run.staging, path) == before
 
@@ -121,7 +113,8 @@ def _write_pieces(run, labels: np.ndarray, seed: int = 0) -> None:
 
 def test_stitch_stages_through_the_queue_recover_the_truth(sample):
     from exaconnect.services.segment import add_pass, prepare_run
-    from exaconnect.services.segment_run import run_stage
+    from exaconnect.services.runner import RunnerOptions, run_stages
+    from exaconnect.services.stages import Stage
     from exaconnect.services.stitch import create_equivalence_tasks, create_faces_tasks, create_relabel_tasks
 
     root, _, labels = sample
@@ -132,7 +125,8 @@ def test_stitch_stages_through_the_queue_recover_the_truth(sample):
     queue = str(root / "queue_stitch")
     for name, make, workers in (("faces", create_faces_tasks, 2), ("equivalence", create_equivalence_tasks, 1),
                                 ("relabel", create_relabel_tasks, 1)):
-        run_stage(queue, name, make(run), workers=workers)
+        stage = Stage(f"segment.{name}", "segment", lambda make=make: make(run))
+        run_stages([stage], RunnerOptions(queue, str(root / "stitch_records"), workers=workers, progress=False))
     out = read_box(open_layer(run.segmentation_layer), Box((0, 0, 0), tuple(reversed(SHAPE))))
     metrics = segmentation_metrics(out, labels)
     assert metrics["vi_split"] == pytest.approx(0.0, abs=1e-9)
@@ -161,18 +155,17 @@ def test_cli_stages_in_order(sample, tiny_model, capsys):
     root = sample[0]
     queue = str(root / "queue_cli")
     image, out = str(root / "image"), str(root / "cli_seg")
-    common = ["--queue", queue]
-    assert main(["enqueue", "segment", image, out, "--model", tiny_model, "--subvolume", "24,24,24",
-                 "--overlap", "8,8,8", "--bbox", "0,0,0,48,48,24", *common]) == 0
-    assert "enqueued 4 segment tasks" in capsys.readouterr().out
-    for stage in (None, "segment-faces", "segment-equivalence", "segment-relabel"):
-        if stage:
-            assert main(["enqueue", stage, out, *common]) == 0
-        assert main(["worker", queue, "--exit-when-empty"]) == 0
-    assert main(["status", queue]) == 0
+    common = [image, out, "--model", tiny_model, "--subvolume", "24,24,24", "--overlap", "8,8,8",
+              "--bbox", "0,0,0,48,48,24", "--queue", queue]
+    for stage in ("pass", "faces", "equivalence", "relabel"):
+        assert main(["segment", "enqueue", *common, "--stage", stage]) == 0
+        if stage == "pass":
+            assert "enqueued 4 segment.initial tasks" in capsys.readouterr().out
+        assert main(["queue", "work", f"{queue}/segment", "--exit-when-empty"]) == 0
+    assert main(["queue", "status", f"{queue}/segment"]) == 0
     seg = read_box(open_layer(out, fill_missing=True), Box((0, 0, 0), (48, 48, 48)))
     assert seg.any() and not seg[24:].any()  # only the --bbox half was written
-    assert main(["enqueue", "segment", image, out, "--model", tiny_model, "--subvolume", "20,24,24", *common]) == 2
+    assert main(["segment", "enqueue", *common[:5], "20,24,24", *common[6:]]) == 2
     assert "--subvolume" in capsys.readouterr().err
 
 
@@ -192,7 +185,7 @@ def test_redefining_a_pass_discards_its_finished_files(sample):
 
 def test_equivalence_waits_for_every_face(sample):
     from exaconnect.services.segment import add_pass, prepare_run
-    from exaconnect.services.stitch import StitchEquivalenceTask, StitchFacesTask
+    from exaconnect.services.stitch import SegmentEquivalenceTask, SegmentFacesTask
 
     root, _, labels = sample
     run = prepare_run(str(root / "image"), str(root / "faces_missing"), SUBVOLUME, OVERLAP, overwrite=True)
@@ -200,8 +193,8 @@ def test_equivalence_waits_for_every_face(sample):
     _write_pieces(run, labels)
     cells = run.grid.cells()
     for cell in cells[:-1]:
-        StitchFacesTask(run.staging, "truth", list(cell.index)).execute()
+        SegmentFacesTask(run.staging, "truth", list(cell.index)).execute()
     with pytest.raises(LayerError, match="missing for cells"):
-        StitchEquivalenceTask(run.staging, "truth").execute()
-    StitchFacesTask(run.staging, "truth", list(cells[-1].index)).execute()
-    StitchEquivalenceTask(run.staging, "truth").execute()
+        SegmentEquivalenceTask(run.staging, "truth").execute()
+    SegmentFacesTask(run.staging, "truth", list(cells[-1].index)).execute()
+    SegmentEquivalenceTask(run.staging, "truth").execute()

@@ -1,0 +1,5 @@
+import sys
+
+from exaconnect.cli import main
+
+sys.exit(main())

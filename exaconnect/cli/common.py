@@ -1,0 +1,129 @@
+"""What every command shares: the override syntax, boxes and triples, and running a service's
+stages here or through a queue.
+
+One override syntax everywhere: `--set section.key=value`, the value read as YAML
+(`--set inference.segment_threshold=0.6`, `--set segment.subvolume=[64,64,64]`).
+
+Stage verbs take `--queue ROOT` optionally: tasks go to `ROOT/SERVICE` (a shared folder on a
+cluster, or an SQS name prefix). Without it, `run` drains the stages in this process through a
+temporary local queue, as igneous does with its LocalTaskQueue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from typing import Any, Sequence
+
+from exaconnect.errors import InputError
+
+POSITIONAL_HELP = {
+    "src": "source sections: a folder of PNG/TIFF, a multi-page TIFF, file.h5:dataset or .npy",
+    "image_layer": "image layer (path or URL: file://, gs://, s3://)",
+    "segmentation_layer": "segmentation layer (path or URL)",
+    "layer": "layer (path or URL)",
+}
+
+
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"override one option (YAML value), e.g. --set {example} (repeatable)")
+
+
+def parse_sets(items: Sequence[str] | None, allowed: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """`section.key=value` strings -> {section: {key: value}}; values are YAML scalars or lists."""
+    import yaml
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        section, dot, option = key.strip().partition(".")
+        if not sep or not dot or not section or not option:
+            raise InputError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. inference.segment_threshold=0.6")
+        if allowed is not None and section not in allowed:
+            raise InputError(f"--set {item!r}: unknown section {section!r}; expected one of {', '.join(allowed)}")
+        try:
+            overrides.setdefault(section, {})[option] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InputError(f"--set {item!r}: the value is not valid YAML") from None
+    return overrides
+
+
+def parse_resolution(text: str, name: str = "--resolution") -> tuple[float, float, float]:
+    parts = text.split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise InputError(f"{name} {text!r}: expected three numbers X,Y,Z in nm") from None
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"{name} {text!r}: expected three finite numbers > 0, X,Y,Z in nm")
+    return values  # type: ignore[return-value]
+
+
+def parse_bbox(text: str | None):
+    from exaconnect.precomputed.bbox import Box
+
+    return Box.parse(text) if text else None
+
+
+def triple(text: str, name: str, positive: bool = True):
+    from exaconnect.precomputed.bbox import parse_triple
+
+    return parse_triple(text, name, positive=positive)
+
+
+def add_queue_arguments(parser: argparse.ArgumentParser, workers_default: int | None = None) -> None:
+    parser.add_argument("--queue", default=None, metavar="ROOT",
+                        help="queue root: tasks go to ROOT/SERVICE (a shared folder, or an SQS name prefix); "
+                             "without it the stages run in this process")
+    parser.add_argument("--workers", type=int, default=workers_default,
+                        help="local worker processes draining each stage (default: 1 without --queue, 2 with it); "
+                             "0 leaves the queue to remote workers and waits for them")
+
+
+def add_enqueue_arguments(parser: argparse.ArgumentParser, stages: Sequence[str]) -> None:
+    parser.add_argument("--queue", required=True, metavar="ROOT",
+                        help="queue root: tasks go to ROOT/SERVICE; drain with `exaconnect queue work ROOT/SERVICE`")
+    parser.add_argument("--stage", default=stages[0], choices=list(stages),
+                        help=f"which stage to enqueue (default {stages[0]}; each after the previous drained)")
+
+
+def run_service_stages(stages: list, args: argparse.Namespace, record: str | None = None):
+    """Run `stages` through the runner: on `--queue ROOT` with `--workers` local workers (0: wait
+    for remote ones), or in this process on a temporary queue. Prints and returns the report."""
+    import json
+
+    from exaconnect.services.runner import RunnerOptions, run_stages
+
+    workers = args.workers
+    if args.queue is None:
+        with tempfile.TemporaryDirectory(prefix="exaconnect-") as tmp:
+            report = run_stages(stages, RunnerOptions(tmp, f"{tmp}/records", workers=1 if workers is None else max(1, workers)))
+    else:
+        report = run_stages(stages, RunnerOptions(args.queue, record or f"{_root(args.queue)}/records",
+                                                  workers=2 if workers is None else workers))
+    print(json.dumps(report.as_dict()))
+    return report
+
+
+def _root(queue: str) -> str:
+    import os
+
+    return queue if "://" in queue else os.path.abspath(queue)
+
+
+def enqueue_one_stage(stages: list, args: argparse.Namespace, prefix: str) -> int:
+    """Enqueue only the stage named `PREFIX.STAGE` (its requirements must be complete)."""
+    from exaconnect.services.queue import enqueue
+    from exaconnect.services.runner import service_queue
+
+    wanted = f"{prefix}.{args.stage}" if args.stage else stages[0].name
+    chosen = [s for s in stages if s.name == wanted or s.name.endswith(f".{args.stage}")]
+    if not chosen:
+        raise InputError(f"--stage {args.stage}: expected one of {[s.name.split('.', 1)[1] for s in stages]}")
+    stage = chosen[0]
+    queue = service_queue(_root(args.queue), stage.service)
+    count = enqueue(queue, list(stage.make_tasks()), description=stage.name)
+    print(f"enqueued {count} {stage.name} tasks on {queue}; drain with: exaconnect queue work {queue}")
+    return 0

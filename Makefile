@@ -1,5 +1,7 @@
 # exaconnect: `make demo` and `make test` do all the set-up on a fresh machine.
-# Stage targets enqueue a batch on a queue; `make workers` drains it (locally or on many nodes).
+# Stage targets enqueue a batch on QUEUES/SERVICE (`make workers SERVICE=...` drains it, here or on
+# many nodes); `make run`, `make segment` and `make align` go through the stage runner, which
+# enqueues each stage when what it needs is complete and drains it with N local workers.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -11,9 +13,10 @@ SERVICE     ?= ingest
 QUEUE       ?= $(QUEUES)/$(SERVICE)
 N           ?= 2
 LEASE       ?= 600
+PIPELINE    ?= configs/demo.yaml
 LAYER       ?= $(DATA)/demo/image
-SEGMENTATION ?= $(DATA)/demo/groundtruth
-SRC         ?= $(DATA)/demo/sample_image.npy
+SEGMENTATION ?= $(DATA)/demo/segmentation
+SRC         ?= $(DATA)/demo/sample_96x96x96_seed0_image.npy
 DEST        ?= $(DATA)/ingested
 TYPE        ?= image
 RESOLUTION  ?= 10,10,10
@@ -23,13 +26,11 @@ PORT        ?= 8765
 EXIT_WHEN_EMPTY ?= 1
 PYTEST_ARGS ?=
 SEGMENTED   ?= $(DATA)/segmentation
-DEMO_FFN    ?= train
 MODEL       ?= ../shared/models/ffn-fib25/model.ckpt-27465036
 SUBVOLUME   ?= 256,256,256
 OVERLAP     ?= 32,32,32
-SEGMENT_STAGES := segment-faces segment-equivalence segment-relabel
 
-.PHONY: help setup demo test browser align train sweep sweep-summary ingest downsample mesh mesh-merge skeletonize skeleton-merge segment \
+.PHONY: help setup demo run test browser align train sweep sweep-summary ingest downsample mesh mesh-merge skeletonize skeleton-merge segment \
         workers status view link bench clean image apptainer
 
 help:
@@ -38,13 +39,16 @@ help:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[cpu,test]'
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install exaconnect
 
-demo: setup ## run the whole pipeline on the built-in sample and print a neuroglancer link
-	$(EXA) demo --workers $(N) --ffn $(DEMO_FFN)
+demo: setup ## the whole pipeline (configs/demo.yaml) on the built-in sample; prints its figures and a link
+	$(EXA) run configs/demo.yaml --workers $(N)
+
+run: setup ## run (or resume) the pipeline file PIPELINE with N local workers
+	$(EXA) run $(PIPELINE) --workers $(N)
 
 browser: ## headless Chromium + driver for the viewer tests (Debian packages)
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
@@ -55,62 +59,53 @@ browser: ## headless Chromium + driver for the viewer tests (Debian packages)
 test: setup browser ## install everything and run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-ingest: setup ## enqueue ingest of SRC into DEST (TYPE=image|segmentation RESOLUTION=x,y,z)
-	$(EXA) ingest $(SRC) $(DEST) --type $(TYPE) --resolution $(RESOLUTION) --chunk-size $(CHUNK_SIZE) --queue $(QUEUES)/ingest
+ingest: setup ## enqueue ingest of SRC into DEST on QUEUES/ingest (TYPE=image|segmentation RESOLUTION=x,y,z)
+	$(EXA) ingest enqueue $(SRC) $(DEST) --type $(TYPE) --resolution $(RESOLUTION) --chunk-size $(CHUNK_SIZE) --queue $(QUEUES)
 
-downsample: setup ## enqueue an image pyramid of LAYER (MIPS levels)
-	$(EXA) enqueue downsample $(LAYER) --num-mips $(MIPS) --queue $(QUEUES)/downsample
+downsample: setup ## enqueue an image pyramid of LAYER (MIPS levels) on QUEUES/downsample
+	$(EXA) downsample enqueue $(LAYER) --num-mips $(MIPS) --queue $(QUEUES)
 
 mesh: setup ## enqueue mesh fragments of SEGMENTATION (then make workers SERVICE=mesh, then make mesh-merge)
-	$(EXA) enqueue mesh $(SEGMENTATION) --queue $(QUEUES)/mesh
+	$(EXA) mesh enqueue $(SEGMENTATION) --stage forge --queue $(QUEUES)
 
 mesh-merge: setup ## enqueue mesh manifests of SEGMENTATION
-	$(EXA) enqueue mesh-merge $(SEGMENTATION) --queue $(QUEUES)/mesh
+	$(EXA) mesh enqueue $(SEGMENTATION) --stage merge --queue $(QUEUES)
 
-skeletonize: setup ## enqueue kimimaro skeleton fragments of SEGMENTATION
-	$(EXA) enqueue skeletonize $(SEGMENTATION) --queue $(QUEUES)/skeletonize
+skeletonize: setup ## enqueue kimimaro skeleton fragments of SEGMENTATION on QUEUES/skeletonize
+	$(EXA) skeleton enqueue $(SEGMENTATION) --stage forge --queue $(QUEUES)
 
 skeleton-merge: setup ## enqueue the skeleton fragment merge of SEGMENTATION
-	$(EXA) enqueue skeleton-merge $(SEGMENTATION) --queue $(QUEUES)/skeletonize
+	$(EXA) skeleton enqueue $(SEGMENTATION) --stage merge --queue $(QUEUES)
 
-segment: setup ## FFN-segment LAYER into SEGMENTED (MODEL, SUBVOLUME, OVERLAP): passes, stitch, downsample, N local workers
-	$(EXA) enqueue segment $(LAYER) $(SEGMENTED) --model $(MODEL) --subvolume $(SUBVOLUME) --overlap $(OVERLAP) --overwrite --queue $(QUEUES)/segment
-	$(EXA) worker $(QUEUES)/segment --processes $(N) --lease-seconds $(LEASE) --exit-when-empty
-	$(EXA) status $(QUEUES)/segment >/dev/null
-	@for stage in $(SEGMENT_STAGES); do \
-	  $(EXA) enqueue $$stage $(SEGMENTED) --queue $(QUEUES)/segment && \
-	  $(EXA) worker $(QUEUES)/segment --processes $(N) --lease-seconds $(LEASE) --exit-when-empty && \
-	  $(EXA) status $(QUEUES)/segment >/dev/null || exit 1; \
-	done
-	$(EXA) enqueue downsample $(SEGMENTED) --num-mips $(MIPS) --queue $(QUEUES)/segment
-	$(EXA) worker $(QUEUES)/segment --processes $(N) --exit-when-empty
+segment: setup ## FFN-segment LAYER into SEGMENTED (MODEL, SUBVOLUME, OVERLAP) through the runner: passes, stitching, pyramid
+	$(EXA) segment run $(LAYER) $(SEGMENTED) --model $(MODEL) --subvolume $(SUBVOLUME) --overlap $(OVERLAP) --num-mips $(MIPS) --queue $(QUEUES) --workers $(N)
 
 ALIGN_SRC  ?= $(DATA)/demo/misaligned
-ALIGN_DEST ?= $(DATA)/demo/aligned
-align: setup ## align ALIGN_SRC into ALIGN_DEST (flow, mesh, compose, render on queues/align) and write DEST/align/report.png
-	$(EXA) align run $(ALIGN_SRC) $(ALIGN_DEST) --queue $(QUEUES)/align --workers $(N)
+ALIGN_DEST ?= $(DATA)/demo/realigned
+align: setup ## align ALIGN_SRC into ALIGN_DEST through the runner (flow, mesh, compose, render, report PNG)
+	$(EXA) align run $(ALIGN_SRC) $(ALIGN_DEST) --queue $(QUEUES) --workers $(N)
 
 TRAIN_CONFIG ?= configs/train_synthetic.yaml
 SWEEP        ?= configs/sweep_synthetic.yaml
 
-train: setup ## train an FFN (exaconnect train --config TRAIN_CONFIG)
-	$(EXA) train --config $(TRAIN_CONFIG)
+train: setup ## train an FFN (exaconnect train run --config TRAIN_CONFIG)
+	$(EXA) train run --config $(TRAIN_CONFIG)
 
-sweep: setup ## enqueue one FFN training task per grid point of SWEEP (then: make workers SERVICE=train LEASE=3600)
-	$(EXA) sweep enqueue $(SWEEP) --queue $(QUEUES)/train
+sweep: setup ## enqueue one FFN training task per grid point of SWEEP on QUEUES/train (then: make workers SERVICE=train LEASE=3600)
+	$(EXA) train sweep enqueue $(SWEEP) --queue $(QUEUES)
 
 sweep-summary: setup ## rank finished sweep runs: summary.md, summary.json, sweep.png
-	$(EXA) sweep summary $(SWEEP)
+	$(EXA) train sweep summary $(SWEEP)
 
-workers: setup ## run N workers on QUEUE (default queues/SERVICE); EXIT_WHEN_EMPTY=0 keeps them polling
-	$(EXA) worker $(QUEUE) --processes $(N) --lease-seconds $(LEASE) $(if $(filter 1,$(EXIT_WHEN_EMPTY)),--exit-when-empty,)
+workers: setup ## run N workers on QUEUE (default QUEUES/SERVICE); EXIT_WHEN_EMPTY=0 keeps them polling
+	$(EXA) queue work $(QUEUE) --processes $(N) --lease-seconds $(LEASE) $(if $(filter 1,$(EXIT_WHEN_EMPTY)),--exit-when-empty,)
 
-status: setup ## progress of QUEUE (default queues/SERVICE)
-	$(EXA) status $(QUEUE) --watch
+status: setup ## progress of QUEUE (default QUEUES/SERVICE)
+	$(EXA) queue status $(QUEUE) --watch
 
-DEMO_SEGMENTATION ?= $(DATA)/demo/ffn_segmentation
-view: setup ## serve LAYER, SEGMENTATION (and the demo's FFN segmentation) with the bundled neuroglancer on 127.0.0.1:PORT
-	$(EXA) view $(LAYER) $(SEGMENTATION) $(wildcard $(DEMO_SEGMENTATION)) --port $(PORT)
+DEMO_LAYERS ?= $(wildcard $(DATA)/demo/image $(DATA)/demo/aligned $(DATA)/demo/segmentation $(DATA)/demo/aligned_groundtruth)
+view: setup ## serve the demo's layers (or LAYER and SEGMENTATION) with the bundled neuroglancer on 127.0.0.1:PORT
+	$(EXA) view $(or $(DEMO_LAYERS),$(LAYER) $(SEGMENTATION)) --port $(PORT)
 
 link: setup ## print a shareable neuroglancer link for LAYER and SEGMENTATION
 	$(EXA) link $(LAYER) $(SEGMENTATION)
@@ -118,11 +113,13 @@ link: setup ## print a shareable neuroglancer link for LAYER and SEGMENTATION
 bench: setup ## run every benchmark (each prints one JSON line)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-image: ## build the worker container (Docker)
-	docker build -t exaconnect:latest .
+FLAVOUR ?= cpu
+VERSION ?= 0.1.0
+image: ## build the worker image with Docker (FLAVOUR=cpu|nvidia|xpu)
+	docker build --build-arg FLAVOUR=$(FLAVOUR) -t exaconnect:$(VERSION)-$(FLAVOUR) .
 
-apptainer: ## build an Apptainer image from the Docker image (on Aurora login nodes)
-	apptainer build exaconnect.sif docker-daemon://exaconnect:latest
+apptainer: ## build exaconnect-FLAVOUR.sif with Apptainer from deploy/exaconnect.def (no Docker needed; on Aurora a compute node)
+	apptainer build --fakeroot --build-arg FLAVOUR=$(FLAVOUR) $(if $(filter xpu,$(FLAVOUR)),,--build-arg BASE=python:3.11-slim-bookworm) exaconnect-$(FLAVOUR).sif deploy/exaconnect.def
 
 clean: ## remove generated data and queues (not .venv)
 	rm -rf $(DATA) $(QUEUES) artifacts

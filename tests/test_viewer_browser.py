@@ -7,8 +7,9 @@ The screenshot is checked pixel by pixel against what the data says it must show
   `segment_colors`, so a wrong segment, wrong section or missing image layer all fail);
 - the 3D panel shows shaded meshes in the colours of the selected bodies;
 - the task boxes appear in their state colours.
-The screenshots are kept as `artifacts/viewer_fib25.png` (served view with task boxes) and
-`artifacts/viewer_fib25_link.png` (a shareable link opened on the server).
+The screenshots are kept as `artifacts/viewer_fib25.png` (served view with task boxes),
+`artifacts/viewer_fib25_link.png` (a long shareable link opened on the server) and
+`artifacts/viewer_fib25_short_link.png` (the short link to the saved state, the same view).
 Data credit: FlyEM, HHMI Janelia Research Campus (FIB-25, CC BY).
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exaconnect.viewer.links import link
+from exaconnect.viewer.links import link, short_link
 from exaconnect.viewer.server import ViewerServer
 from exaconnect.viewer.tasks import STATE_COLORS, TaskBox, write_task_states
 
@@ -168,23 +169,36 @@ def _good(m: dict, boxes: bool) -> bool:
     )
 
 
+def _slice_pixels(shot: np.ndarray, rects: list[dict]) -> np.ndarray:
+    r = sorted(rects, key=lambda r: r["x"])[0]
+    return shot[int(r["y"]) : int(r["y"] + r["h"]), int(r["x"]) : int(r["x"] + r["w"]), :3]
+
+
 def _render(browser, url: str, state: dict, data, artifact: str, boxes: bool) -> tuple[dict, list[str], list[dict]]:
-    """Open `url`, screenshot until the panels show what they must (or time out); keep the last shot."""
+    """Open `url`, screenshot until the panels show what they must and the cross-section is
+    still (or time out); keep the last shot."""
     import imageio.v3 as iio
 
+    # A fresh page load every time: from one link to another that differs only after '#', the
+    # browser would not reload the page.
+    browser.get("about:blank")
     browser.get(url)
     deadline = time.monotonic() + RENDER_TIMEOUT_S
     metrics: dict = {}
     png = b""
+    previous = None
     while time.monotonic() < deadline:
         time.sleep(1.0)
         rects = _panel_rects(browser)
         if len(rects) < 2:
             continue
         png = browser.get_screenshot_as_png()
-        metrics = _measure(iio.imread(png, extension=".png"), rects, state, data)
-        if _good(metrics, boxes):
+        shot = iio.imread(png, extension=".png")
+        metrics = _measure(shot, rects, state, data)
+        now = _slice_pixels(shot, rects)
+        if _good(metrics, boxes) and previous is not None and previous.shape == now.shape and (previous == now).all():
             break
+        previous = now
     if png:
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / artifact).write_bytes(png)
@@ -195,6 +209,9 @@ def _render(browser, url: str, state: dict, data, artifact: str, boxes: bool) ->
     print(f"{artifact} metrics:", metrics)
     for entry in console:
         print("console:", entry.get("level"), entry.get("message", "")[:500])
+    metrics["slice"] = previous
+    metrics["viewer_state"] = browser.execute_script("return window.viewer.state.toJSON();")
+    metrics["fetched"] = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
     return metrics, layer_names, console
 
 
@@ -225,15 +242,59 @@ def test_served_viewer_shows_em_segments_meshes_and_task_boxes(viewer_fib25_laye
     assert min(metrics["boxes"].values()) >= 50, f"task boxes missing: {metrics}"
 
 
-def test_shareable_link_opens_on_the_view_server(viewer_fib25_layers, viewer_browser) -> None:
-    """`exaconnect link` output (state in the fragment) opened on a running `exaconnect view`."""
+def _view_of(loaded: dict) -> dict:
+    """What a person sees, from the client's own state: layers with their sources and settings, where, how."""
+    keys = ("dimensions", "position", "crossSectionScale", "projectionScale", "projectionOrientation", "layout", "showSlices")
+    layers = [{k: v for k, v in layer.items() if k in ("type", "source", "name", "segments", "shader", "shaderControls")}
+              for layer in loaded.get("layers", [])]
+    return {"layers": layers, **{k: loaded.get(k) for k in keys}}
+
+
+def test_short_link_opens_the_same_view_as_the_long_one(viewer_fib25_layers, viewer_browser, tmp_path: Path) -> None:
+    """`exaconnect link` (short: the state saved as JSON, `#!URL` to it) and `link --long` (state in
+    the fragment), both opened on a running `exaconnect view`: the same layers, state and pixels."""
     import neuroglancer
 
     data = viewer_fib25_layers
-    with ViewerServer([str(data.image), str(data.segmentation)]) as server:
-        url = link([str(data.image), str(data.segmentation)], server=server.origin)
-        assert url.startswith(f"{server.origin}/v/exaconnect/#!")
-        state = neuroglancer.parse_url(url).to_json()
-        metrics, layer_names, _ = _render(viewer_browser, url, state, data, "viewer_fib25_link.png", boxes=False)
-    assert layer_names == ["fib25_image", "fib25_groundtruth"], layer_names
-    _assert_shows_em_segments_and_meshes(metrics)
+    layers = [str(data.image), str(data.segmentation)]
+    with ViewerServer(layers, state_dir=tmp_path) as server:
+        short = short_link(layers, server=server.origin, state_dir=tmp_path)
+        assert short.long_url == link(layers, server=server.origin)
+        assert short.long_url.startswith(f"{server.origin}/v/exaconnect/#!%7B")
+        assert short.url == f"{server.origin}/v/exaconnect/#!{server.origin}/states/{Path(short.state_location).name}"
+        assert len(short.url) < 120 < len(short.long_url)
+        state = neuroglancer.parse_url(short.long_url).to_json()
+        long_metrics, long_names, _ = _render(viewer_browser, short.long_url, state, data, "viewer_fib25_link.png", boxes=False)
+        short_metrics, short_names, console = _render(viewer_browser, short.url, state, data, "viewer_fib25_short_link.png", boxes=False)
+    assert long_names == short_names == ["fib25_image", "fib25_groundtruth"], (long_names, short_names)
+    _assert_shows_em_segments_and_meshes(long_metrics)
+    _assert_shows_em_segments_and_meshes(short_metrics)
+    assert not any("Error loading state" in entry.get("message", "") for entry in console)
+    # The short link's view came from the saved file, not from the server's event stream.
+    assert short.state_url in short_metrics["fetched"], short_metrics["fetched"]
+    assert not any("/events/" in url and "gs=" in url for url in short_metrics["fetched"])
+    # The client's own state after loading: the same view either way.
+    assert _view_of(short_metrics["viewer_state"]) == _view_of(long_metrics["viewer_state"])
+    assert _view_of(short_metrics["viewer_state"])["layers"][0]["source"]
+    # The same pixels in the cross-section.
+    long_slice, short_slice = long_metrics["slice"], short_metrics["slice"]
+    assert long_slice is not None and short_slice is not None and long_slice.shape == short_slice.shape
+    same = float((np.abs(long_slice.astype(int) - short_slice.astype(int)).max(axis=2) <= 2).mean())
+    print("short vs long: identical cross-section pixels", same)
+    assert same >= 0.99, same
+
+
+def test_a_browser_reads_across_our_own_names_but_not_from_other_pages(viewer_fib25_layers, viewer_browser) -> None:
+    """CORS as a real browser applies it: the client opened as localhost may read 127.0.0.1 (the
+    same server), a page served from another origin (another server's port) may not."""
+    data = viewer_fib25_layers
+    fetch = (
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0]).then(r => r.text().then(t => done(r.status + ' ' + t.length)), e => done('refused ' + e));"
+    )
+    with ViewerServer([str(data.image)]) as server, ViewerServer([str(data.image)]) as other:
+        target = f"{server.origin}/data/fib25_image/info"
+        viewer_browser.get(f"http://localhost:{server.port}/data/fib25_image/info")
+        assert viewer_browser.execute_async_script(fetch, target).startswith("200 ")
+        viewer_browser.get(f"{other.origin}/data/fib25_image/info")
+        assert viewer_browser.execute_async_script(fetch, target).startswith("refused")

@@ -118,3 +118,78 @@ def test_layer_errors_name_the_layer(tmp_path: Path) -> None:
 def test_bad_base_url_is_refused(viewer_fib25_layers) -> None:
     with pytest.raises(InputError, match="--base-url"):
         link([str(viewer_fib25_layers.image)], base_url="neuroglancer.example#x")
+
+
+# -- short links (issue 12) ---------------------------------------------------------------------
+
+def test_short_link_saves_the_state_beside_the_layers(viewer_fib25_layers) -> None:
+    from exaconnect.viewer.links import short_link
+
+    data = viewer_fib25_layers
+    layers = [str(data.image), str(data.segmentation)]
+    short = short_link(layers)
+    folder = data.image.parent / "states"
+    name = short.state_location.rsplit("/", 1)[-1]
+    assert short.state_location == str(folder / name) and name.startswith("ng-") and name.endswith(".json")
+    assert short.url == f"http://127.0.0.1:8765/v/exaconnect/#!http://127.0.0.1:8765/states/{name}"
+    assert str(short) == short.url and len(short.url) < 120
+    saved = json.loads((folder / name).read_text())
+    assert saved == json.loads(urllib.parse.unquote(link(layers).split("#!", 1)[1]))
+    assert short.long_url == link(layers)
+    assert short_link(layers).url == short.url  # the same view, the same file
+
+
+def test_short_link_state_dir_name_and_server(viewer_fib25_layers, tmp_path: Path) -> None:
+    from exaconnect.viewer.links import short_link
+
+    short = short_link([str(viewer_fib25_layers.image)], state_dir=tmp_path / "s", name="fib25.json",
+                       server="http://localhost:9000", base_url="https://ng.example/")
+    assert short.url == "https://ng.example/#!http://localhost:9000/states/fib25.json"
+    saved = json.loads((tmp_path / "s" / "fib25.json").read_text())
+    assert saved["layers"][0]["source"][0]["url"] == "precomputed://http://localhost:9000/data/fib25_image"
+    for bad in ("../x", ".hidden", "a/b", ""):
+        with pytest.raises(InputError, match="--name"):
+            short_link([str(viewer_fib25_layers.image)], state_dir=tmp_path / "s", name=bad)
+    with pytest.raises(InputError, match="--state-dir"):
+        short_link([str(viewer_fib25_layers.image)], state_dir="https://example.org/states")
+
+
+def _remote_layer(url: str) -> LayerInfo:
+    info = {"type": "image", "data_type": "uint8", "num_channels": 1,
+            "scales": [{"resolution": [8, 8, 40], "voxel_offset": [0, 0, 0], "size": [64, 64, 16],
+                        "chunk_sizes": [[64, 64, 16]], "encoding": "raw", "key": "8_8_40"}]}
+    return LayerInfo(url=url, kind=kinds.IMAGE, info=info)
+
+
+def test_remote_layers_get_their_state_in_the_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gs:// and s3:// are written with cloudfiles; mem:// stands in for a bucket here."""
+    from cloudfiles import CloudFiles
+
+    from exaconnect.viewer import links
+
+    monkeypatch.setattr(links, "_STATE_STORES", ("gs://", "s3://", "mem://"))
+    short = links.short_link([_remote_layer("mem://bucket/em/image")], statistics=False, name="v1")
+    assert short.state_url == short.state_location == "mem://bucket/em/states/v1.json"
+    assert short.url == "https://neuroglancer-demo.appspot.com/#!mem://bucket/em/states/v1.json"
+    saved = json.loads(CloudFiles("mem://bucket/em/states").get("v1.json"))
+    assert saved["layers"][0]["source"][0]["url"] == "precomputed://mem://bucket/em/image"
+
+
+def test_unwritable_remote_state_names_the_place_and_the_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from exaconnect.viewer import links
+
+    with pytest.raises(LayerError, match="--state-dir.*--long"):
+        links.short_link([_remote_layer("https://example.org/em/image")], statistics=False)
+
+    class Refusing:
+        def __init__(self, folder: str) -> None:
+            pass
+
+        def put(self, *args, **kwargs) -> None:
+            raise PermissionError("403 Forbidden")
+
+    import cloudfiles
+
+    monkeypatch.setattr(cloudfiles, "CloudFiles", Refusing)
+    with pytest.raises(LayerError, match=r"gs://bucket/em/states/.*403 Forbidden.*--state-dir"):
+        links.short_link([_remote_layer("gs://bucket/em/image")], statistics=False)

@@ -24,7 +24,11 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 class RangeNotSatisfiable(ExaconnectError):
-    """A Range header outside the file (answered with 416)."""
+    """A Range header outside the file (answered with 416 and `Content-Range: bytes */SIZE`)."""
+
+    def __init__(self, message: str, size: int):
+        super().__init__(message)
+        self.size = size
 
 
 def content_type(name: str) -> str:
@@ -74,5 +78,5 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
         start = int(first)
         stop = size if last == "" else min(size, int(last) + 1)
     if start >= size or stop <= start:
-        raise RangeNotSatisfiable(f"Range {header!r} is outside the file of {size} bytes")
+        raise RangeNotSatisfiable(f"Range {header!r} is outside the file of {size} bytes", size)
     return start, stop

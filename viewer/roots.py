@@ -23,6 +23,10 @@ PUBLIC_CLIENT_URL = "https://neuroglancer-demo.appspot.com/"
 CLIENT_SESSION = "exaconnect"
 DATA_PREFIX = "/data/"
 TASKS_PREFIX = "/tasks/"
+# Saved viewer states (`exaconnect link` short links): `/states/<name>.json`.
+STATES_PREFIX = "/states/"
+# The folder, beside a layer, where `exaconnect link` writes states and `exaconnect view` finds them.
+STATES_FOLDER = "states"
 
 
 def root_names(paths: Sequence[Path]) -> dict[str, Path]:
@@ -72,3 +76,12 @@ def source_resolver(layers: Sequence[LayerInfo], origin: str) -> Callable[[Layer
         return f"precomputed://{origin.rstrip('/')}{DATA_PREFIX}{by_path[layer.local_path]}"
 
     return source
+
+
+def default_state_dirs(layers: Sequence[LayerInfo]) -> list[Path]:
+    """`<parent of each local layer>/states`, first layer first: the folders `view` serves states from."""
+    dirs: list[Path] = []
+    for layer in layers:
+        if layer.local_path is not None and layer.local_path.parent / STATES_FOLDER not in dirs:
+            dirs.append(layer.local_path.parent / STATES_FOLDER)
+    return dirs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import urllib.parse
 
 from exaconnect.viewer.roots import DEFAULT_BIND, DEFAULT_PORT
 
@@ -21,6 +22,11 @@ def cmd_link(args: argparse.Namespace) -> int:
     print(short.url)
     if "://" not in short.state_location:
         where = f" --state-dir {args.state_dir}" if args.state_dir is not None else ""
+        client = urllib.parse.urlsplit(short.url)
+        server = urllib.parse.urlsplit(short.state_url)
+        if (client.scheme, client.netloc) != (server.scheme, server.netloc):
+            # Another client reads our server cross-origin, which `view` allows only when told.
+            where += f" --allow-origin {client.scheme}://{client.netloc}"
         print(f"state saved to {short.state_location}; open the link while `exaconnect view LAYER...{where}` runs",
               file=sys.stderr)
     else:

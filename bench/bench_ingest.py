@@ -12,8 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, require_fib25, timed  # noqa: E402
 
-from exaconnect.services.ingest import IngestOptions, create_ingest_tasks, ingest_now  # noqa: E402
-from exaconnect.services.queue import enqueue  # noqa: E402
+from exaconnect.services.ingest import IngestOptions, ingest_now  # noqa: E402
 
 
 def main() -> None:
@@ -26,10 +25,10 @@ def main() -> None:
                            IngestOptions("image", (10, 10, 10)), progress=False)
         t_labels, _ = timed(ingest_now, f"{fib}/groundtruth.h5:stack", str(tmp / "labels"),
                             IngestOptions("segmentation", (10, 10, 10)), progress=False)
-        queue = str(tmp / "queue")
-        enqueue(queue, create_ingest_tasks(str(fib / "grayscale_maps"), str(tmp / "image-q"), IngestOptions("image", (10, 10, 10))))
-        t_queue, _ = timed(subprocess.run, [sys.executable, "-m", "exaconnect.cli", "worker", queue, "--processes", "2",
-                                            "--exit-when-empty"], check=True, capture_output=True)
+        # Through the runner: enqueue one task per slab on a file queue, drain with 2 processes.
+        t_queue, _ = timed(subprocess.run, [sys.executable, "-m", "exaconnect.cli", "ingest", "run", str(fib / "grayscale_maps"),
+                                            str(tmp / "image-q"), "--resolution", "10,10,10", "--queue", str(tmp / "queue"),
+                                            "--workers", "2"], check=True, capture_output=True)
     emit("ingest_fib25",
          image_mb_per_s=round(image_mb / t_image, 2), image_seconds=round(t_image, 2),
          labels_mb_per_s=round(labels_mb / t_labels, 2), labels_seconds=round(t_labels, 2),

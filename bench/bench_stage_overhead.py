@@ -3,7 +3,7 @@ igneous task objects directly, in the same run on the same data: the overhead ra
 
 Both sides run in one process (a worker on a cluster is long-lived, so process start-up is
 not part of the per-task cost); ours adds serialization, the file-queue lease and delete,
-and the failure ledger.
+the failure ledger and the runner's stage records.
 
     .venv/bin/python bench/bench_stage_overhead.py
 """
@@ -19,8 +19,8 @@ from common import emit, require_fib25, timed  # noqa: E402
 from exaconnect.services.downsample import create_downsample_tasks  # noqa: E402
 from exaconnect.services.ingest import IngestOptions, ingest_now  # noqa: E402
 from exaconnect.services.mesh import create_mesh_forge_tasks  # noqa: E402
-from exaconnect.services.queue import enqueue  # noqa: E402
-from exaconnect.services.worker import Worker, WorkerOptions  # noqa: E402
+from exaconnect.services.runner import RunnerOptions, run_stages  # noqa: E402
+from exaconnect.services.stages import Stage  # noqa: E402
 
 
 def run_direct(tasks) -> None:
@@ -30,9 +30,10 @@ def run_direct(tasks) -> None:
         totask(task).execute()
 
 
-def run_queued(queue: str, tasks) -> None:
-    enqueue(queue, tasks)
-    Worker(queue, WorkerOptions(exit_when_empty=True, idle_poll_seconds=0.05)).run()
+def run_queued(queue_root: str, tasks) -> None:
+    """Through the runner, as every stage runs: enqueue on a file queue, one in-process worker."""
+    stage = Stage("bench", "mesh", lambda: tasks)
+    run_stages([stage], RunnerOptions(queue_root, f"{queue_root}/records", workers=1, progress=False, poll_seconds=0.05))
 
 
 def main(repeats: int = 2) -> None:

@@ -242,12 +242,8 @@ def _demo_model_stage(config: PipelineConfig, output: str, stages: list) -> tupl
     if root is None:
         raise InputError("segment.model demo: the demo model is trained into a local output folder")
     out_dir = os.path.join(root, "ffn")
-    import inspect
-
-    steps = config.segment.demo_model_steps
-    accepts = inspect.signature(demo_config).parameters
-    data = demo_config(out_dir, seed=config.source.synthetic_seed,
-                       **({"steps": steps} if "steps" in accepts else {"max_steps": steps, "minutes": 10.0**6}))
+    # A fixed number of steps and no time limit: every machine trains the same model.
+    data = demo_config(out_dir, seed=config.source.synthetic_seed, max_steps=config.segment.demo_model_steps)
     stages.append(Stage("train.demo-model", "train", lambda: [TrainTask(json.dumps(data), "demo-model")], (),
                         writes=(out_dir,), parameters={"config": data}, lease_seconds=3600,
                         description="the small demo FFN, a fixed number of steps"))
@@ -256,7 +252,8 @@ def _demo_model_stage(config: PipelineConfig, output: str, stages: list) -> tupl
     return os.path.join(out_dir, MODEL_DIR), ("train.demo-model",)
 
 
-def run_pipeline(config: PipelineConfig, progress: bool = True, stall_seconds: float | None = None) -> dict:
+def run_pipeline(config: PipelineConfig, progress: bool = True, stall_seconds: float | None = None,
+                 **runner_options) -> dict:
     """Run (or resume) the whole pipeline; returns a summary with layers, stage timings,
     scores and links (also written to OUTPUT/pipeline/summary.json)."""
     from exaconnect.precomputed.store import ArtifactStore
@@ -267,7 +264,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, stall_seconds: f
     store = ArtifactStore(record)
     store.put_json("config.json", to_mapping(config))
     options = RunnerOptions(queue_root=_queue_root(config), record=record, workers=config.workers,
-                            progress=progress, stall_seconds=stall_seconds)
+                            progress=progress, stall_seconds=stall_seconds, **runner_options)
 
     def after(stage, result):
         if result.status == "done" and stage.name in ("align.report",):
@@ -313,11 +310,12 @@ def _links(plan: PipelinePlan, config: PipelineConfig) -> dict:
 
     layers = [plan.layers[k] for k in ("image", "aligned", "segmentation", "groundtruth") if k in plan.layers]
     layers = list(dict.fromkeys(layers))
-    out = {"long": links.link(layers, server=config.link.server)}
-    short_link = getattr(links, "short_link", None)
-    if config.link.short and short_link is not None:
-        out["short"] = short_link(layers, name=config.name, server=config.link.server)
-    return out
+    if not config.link.short:
+        return {"long": links.link(layers, server=config.link.server)}
+    # The state is saved as JSON beside the data (OUTPUT/states/NAME.json), which `exaconnect
+    # view` serves: the short link carries only that file's URL.
+    short = links.short_link(layers, name=config.name, server=config.link.server)
+    return {"short": short.url, "state": short.state_location, "long": short.long_url}
 
 
 def print_summary(summary: dict) -> None:

@@ -86,7 +86,7 @@ class SegmentConfig:
     passes: tuple[PassConfig, ...] = (PassConfig(),)
     min_overlap_voxels: int = 100
     min_fraction: float = 0.5
-    demo_model_steps: int = 3000
+    demo_model_steps: int = 1500
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,10 @@ class RunnerOptions:
     max_attempts: int = 3
     # Remote mode: give up when a stage's queue has not moved for this long (None: wait forever).
     stall_seconds: float | None = None
+    # Overrides of every stage's lease (at least the worker's minimum), and extra task modules
+    # for local workers (a lab's own task classes; the fault-injection suite's instrumentation).
+    lease_seconds: int | None = None
+    task_modules: tuple[str, ...] = ()
 
 
 @dataclass
@@ -141,43 +145,76 @@ def _release_local_leases(queue: str) -> None:
 
 
 def _watch(queue: str, total: int, name: str, stop: threading.Event, options: RunnerOptions) -> None:
-    """A progress bar (rate, time left) over a stage's queue while something else drains it."""
+    """Progress of a stage while something else drains its queue: a tqdm bar (rate, time left)
+    on a terminal; in a log, one line per tenth of the stage (or per minute) with the same."""
+    import sys
+
     from tqdm import tqdm
 
     from exaconnect.services.queue import queue_status
 
-    with tqdm(total=total, desc=name, unit="task", disable=not options.progress or None, leave=True,
-              mininterval=0.5) as bar:
-        while True:
-            try:
-                status = queue_status(queue)
-                done = max(0, total - status.enqueued)
-                bar.n = min(total, done)
-                if status.failed:
-                    bar.set_postfix(failed=status.failed)
-                bar.refresh()
-            except ExaconnectError:
-                pass
-            if stop.wait(options.poll_seconds):
-                break
-        status = queue_status(queue)
-        bar.n = min(total, max(0, total - status.enqueued))
-        bar.refresh()
+    def done_now() -> tuple[int, int]:
+        try:
+            status = queue_status(queue)
+        except ExaconnectError:
+            return -1, 0
+        return min(total, max(0, total - status.enqueued)), status.failed
+
+    if not options.progress:
+        stop.wait()
+        return
+    if sys.stderr.isatty():
+        with tqdm(total=total, desc=name, unit="task", leave=True, mininterval=0.5) as bar:
+            while not stop.wait(options.poll_seconds):
+                done, failed = done_now()
+                if done >= 0:
+                    bar.n = done
+                    if failed:
+                        bar.set_postfix(failed=failed)
+                    bar.refresh()
+            bar.n = max(done_now()[0], bar.n)
+            bar.refresh()
+        return
+    started, last_line, last_done = time.monotonic(), time.monotonic(), 0
+    step = max(1, total // 10)
+    while not stop.wait(options.poll_seconds):
+        done, failed = done_now()
+        now = time.monotonic()
+        if done < 0 or (done - last_done < step and now - last_line < 60):
+            continue
+        rate = done / max(now - started, 1e-9)
+        pace = (f"{rate:.2f} tasks/s, about {(total - done) / rate:.0f} s left" if rate > 0
+                else f"running for {now - started:.0f} s")
+        print(f"[run] {name}: {done}/{total} tasks, {pace}" + (f", {failed} dead-lettered" if failed else ""),
+              file=sys.stderr, flush=True)
+        last_line, last_done = now, done
 
 
 def _drain_locally(stage: Stage, queue: str, count: int, options: RunnerOptions) -> None:
+    """Local workers drain the stage's queue. Workers that stop early (SIGTERM, the restart
+    limit) leave tasks behind: new ones are started while tasks remain and nothing is
+    dead-lettered, a few rounds at most."""
+    from exaconnect.services.queue import queue_status
     from exaconnect.services.worker import Worker, WorkerOptions, run_workers
 
-    worker_options = WorkerOptions(lease_seconds=max(stage.lease_seconds, 10), exit_when_empty=True,
-                                   idle_poll_seconds=0.2, max_attempts=options.max_attempts)
+    worker_options = WorkerOptions(lease_seconds=max(options.lease_seconds or stage.lease_seconds, 10),
+                                   exit_when_empty=True, idle_poll_seconds=0.2, max_attempts=options.max_attempts,
+                                   task_modules=tuple(options.task_modules),
+                                   log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING")
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(queue, count, stage.name, stop, options), daemon=True)
     watcher.start()
     try:
-        if options.workers == 1:
-            Worker(queue, worker_options).run()
-        else:
-            run_workers(queue, worker_options, processes=max(1, min(options.workers, count)))
+        for _ in range(5):
+            if options.workers == 1:
+                Worker(queue, worker_options).run()
+            else:
+                run_workers(queue, worker_options, processes=max(1, min(options.workers, count)))
+            status = queue_status(queue)
+            if status.enqueued == 0 or status.failed:
+                break
+            log.warning("stage %s: %d tasks left after the workers stopped; starting workers again",
+                        stage.name, status.enqueued)
     finally:
         stop.set()
         watcher.join()

@@ -115,7 +115,7 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
 def readme_commands() -> set[str]:
     """The commands in the README's command table (`| \\`exaconnect NOUN ...\\` | ...`)."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Commands", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     return set(re.findall(r"^\| `exaconnect ([a-z-]+)", section, flags=re.M))
 
 
@@ -129,7 +129,7 @@ def test_every_noun_verb_in_the_readme_parses():
     """Each `exaconnect NOUN VERB` the README's table shows is a real verb of that noun."""
     from exaconnect.cli import build_parser
 
-    text = (ROOT / "README.md").read_text().split("## Commands", 1)[1].split("\n## ", 1)[0]
+    text = (ROOT / "README.md").read_text().split("## Commands", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     parser = build_parser()
     for noun, verbs in re.findall(r"^\| `exaconnect ([a-z-]+) ([a-z|-]+)`", text, flags=re.M):
         for verb in verbs.split("|"):
@@ -137,3 +137,20 @@ def test_every_noun_verb_in_the_readme_parses():
                 parser.parse_args([noun, verb, "--help"])
             except SystemExit as exc:
                 assert exc.code == 0, f"exaconnect {noun} {verb} is not a command"
+
+
+# The commands of exaconnect 0.1, before the noun-verb shape.
+OLD_COMMANDS = ("ingest", "enqueue", "worker", "status", "evaluate", "sample", "demo", "segment", "align", "train",
+                "sweep", "train-partition", "link", "view")
+
+
+def test_every_old_command_still_works_or_has_a_migration_note():
+    from exaconnect.cli import commands
+
+    text = (ROOT / "README.md").read_text()
+    notes = text.split("### Migrating from the 0.1 commands", 1)[1].split("\n## ", 1)[0]
+    migrated = set(re.findall(r"^\| `exaconnect ([a-z-]+)", notes, flags=re.M))
+    current = set(commands())
+    for old in OLD_COMMANDS:
+        assert old in current or old in migrated, f"exaconnect {old}: neither a command nor in the migration notes"
+    assert {"enqueue", "worker", "status", "sweep", "train-partition"} <= migrated

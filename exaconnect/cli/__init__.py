@@ -26,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"exaconnect.cli.{name}")
-        except ModuleNotFoundError as exc:  # TEMPORARY while modules are being written
-            if exc.name != f"exaconnect.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"exaconnect.cli.{name}").register(sub)
     return parser
 
 

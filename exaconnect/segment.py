@@ -20,7 +20,9 @@ from exaconnect.precomputed.layers import (
     layer_url,
     open_layer,
     read_box,
+    write_box,
 )
+from exaconnect.precomputed.verify import record_checksums
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -65,6 +67,15 @@ def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None =
     if image_vol.dtype != np.uint8:
         raise InputError(f"image layer {layer_url(image_layer)} is {image_vol.dtype}; the FFN takes uint8 EM")
     predictor = load_model(model, config_overrides=options or None, device=device)
+    # The output layers are created (or found compatible) before the minutes of inference, so a
+    # layer that cannot take the result fails now rather than after the work is done.
+    parameters = {"model": str(model), "bbox": str(box), "options": options or {}, "fill_unsegmented": fill}
+    provenance = Provenance("segment", parameters, [layer_url(image_layer), str(model)])
+    out_vol = create_layer(out_layer, output_spec(image_vol), provenance)
+    prob_vol = None
+    if probabilities_layer:
+        prob_vol = create_layer(probabilities_layer, output_spec(image_vol, "uint8", "image"),
+                                Provenance("segment-probabilities", parameters, [layer_url(image_layer)]))
     image = read_box(image_vol, box)
     result = segment_subvolume(image, predictor, progress=progress)
     labels = result.labels
@@ -74,16 +85,12 @@ def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None =
 
         labels = fill_unsegmented(image, labels)
 
-    parameters = {"model": str(model), "bbox": str(box), "options": options or {}, "fill_unsegmented": fill}
-    provenance = Provenance("segment", parameters, [layer_url(image_layer), str(model)])
-    out_vol = create_layer(out_layer, output_spec(image_vol), provenance)
-    out_vol.non_aligned_writes = True  # an interactive box need not follow the chunk grid
-    out_vol[box.slices()] = np.ascontiguousarray(labels.transpose(2, 1, 0))
-    if probabilities_layer:
-        prob_vol = create_layer(probabilities_layer, output_spec(image_vol, "uint8", "image"),
-                                Provenance("segment-probabilities", parameters, [layer_url(image_layer)]))
-        prob_vol.non_aligned_writes = True
-        prob_vol[box.slices()] = np.ascontiguousarray(result.probabilities.transpose(2, 1, 0))
+    # An interactive box need not follow the chunk grid: write_box completes its edge chunks.
+    write_box(out_vol, box, labels)
+    record_checksums(out_vol, box)  # read back, and a manifest for `exaconnect layer verify`
+    if prob_vol is not None:
+        write_box(prob_vol, box, result.probabilities)
+        record_checksums(prob_vol, box)
     summary = {
         "image_layer": layer_url(image_layer),
         "segmentation_layer": layer_url(out_layer),

@@ -7,6 +7,7 @@ nowhere else (the daisy idea: a block has a write box and, with overlap, a large
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -31,6 +32,24 @@ def parse_triple(text: str | Sequence[int], name: str, positive: bool = True) ->
         raise InputError(f"{name}: {text!r} has {len(values)} values; expected three 'X,Y,Z'")
     if positive and min(values) <= 0:
         raise InputError(f"{name}: {text!r} must be positive in every axis")
+    return values  # type: ignore[return-value]
+
+
+def parse_resolution(text: str | Sequence[float], name: str = "--resolution") -> tuple[float, float, float]:
+    """'x,y,z' voxel size in nm -> three finite positive floats; `name` is the parameter in errors.
+
+    float() accepts 'nan' and 'inf', and a NaN passes `min(values) <= 0`, so both are refused
+    explicitly: a NaN resolution written into an info file breaks every reader of the layer.
+    """
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    try:
+        values = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: {text!r} is not three numbers 'X,Y,Z' (voxel size in nm)") from None
+    if len(values) != 3:
+        raise InputError(f"{name}: {text!r} has {len(values)} values; expected three numbers 'X,Y,Z' in nm")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"{name}: {text!r} must be three finite positive numbers (voxel size in nm)")
     return values  # type: ignore[return-value]
 
 
@@ -110,6 +129,26 @@ class Box:
     @classmethod
     def from_list(cls, values: Sequence[int]) -> "Box":
         return cls(tuple(int(v) for v in values[:3]), tuple(int(v) for v in values[3:6]))  # type: ignore[arg-type]
+
+
+def snap_to_grid(box: Box, chunk_size: Sequence[int], origin: Sequence[int], bounds: Box | None = None) -> Box:
+    """The smallest box of whole chunks (grid anchored at `origin`) holding `box`, clipped to
+    `bounds`: what a writer must cover so that it writes only whole chunk files."""
+    start = tuple(o + (a - o) // c * c for a, o, c in zip(box.start, origin, chunk_size))
+    stop = tuple(o - (-(b - o) // c) * c for b, o, c in zip(box.stop, origin, chunk_size))
+    snapped = Box(start, stop)  # type: ignore[arg-type]
+    return snapped.intersection(bounds) if bounds is not None else snapped
+
+
+def chunk_boxes(region: Box, bounds: Box, chunk_size: Sequence[int]) -> Iterator[Box]:
+    """The chunk files' boxes (clipped to the layer `bounds`, as precomputed names them) that
+    hold any voxel of `region`; the chunk grid starts at the bounds' start (the voxel offset)."""
+    region = region.intersection(bounds)
+    if region.empty():
+        return
+    for cell in chunk_grid(snap_to_grid(region, chunk_size, bounds.start, bounds), chunk_size,
+                           grid_origin=bounds.start):
+        yield cell.write
 
 
 def require_inside(box: Box, bounds: Box, what: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -17,7 +18,8 @@ import numpy as np
 
 from exaconnect import __version__
 from exaconnect.errors import InputError, LayerError
-from exaconnect.precomputed.bbox import Box, Triple
+from exaconnect.precomputed.bbox import Box, Triple, require_inside, snap_to_grid
+from exaconnect.precomputed.chunks import install_chunk_guard
 
 IMAGE_ENCODINGS = ("raw", "jpeg")
 SEGMENTATION_ENCODINGS = ("compressed_segmentation", "compresso", "raw")
@@ -71,6 +73,8 @@ class LayerSpec:
             )
         if self.resolved_encoding == "jpeg" and self.dtype != "uint8":
             raise InputError(f"--encoding jpeg needs uint8 images; this source is {self.dtype}")
+        if not all(math.isfinite(float(r)) and float(r) > 0 for r in self.resolution):
+            raise InputError(f"--resolution {tuple(self.resolution)}: expected three finite positive numbers (nm)")
         if min(self.size) <= 0 or min(self.chunk_size) <= 0 or min(self.resolution) <= 0:
             raise InputError(
                 f"layer size {self.size}, chunk size {self.chunk_size} and resolution {self.resolution} "
@@ -133,6 +137,7 @@ def chunk_compression(url: str) -> str | bool:
 def _cloudvolume(url: str, mip: int = 0, **kwargs: Any):
     from cloudvolume import CloudVolume
 
+    install_chunk_guard()  # every chunk this process decodes is checked first (precomputed.chunks)
     return CloudVolume(url, mip=mip, progress=False, fill_missing=kwargs.pop("fill_missing", False),
                        compress=chunk_compression(url), **kwargs)
 
@@ -174,6 +179,16 @@ def _same_geometry(a: dict, b: dict) -> bool:
 
 
 def add_provenance(vol, provenance: Provenance) -> None:
+    """Append a record to the layer's stored provenance.
+
+    The stored file is re-read first: another writer (igneous's task creation commits the copy it
+    loaded when it opened the layer) may have written it since `vol` was opened, and appending to
+    a stale copy would drop that writer's records, or ours.
+    """
+    try:
+        vol.refresh_provenance()
+    except Exception:  # a layer without a provenance file yet keeps the in-memory one
+        pass
     vol.provenance.processing.append(provenance.record())
     for source in provenance.inputs:
         if source not in vol.provenance.sources:
@@ -242,8 +257,66 @@ def read_box(vol, box: Box) -> np.ndarray:
     return np.ascontiguousarray(data[..., 0].transpose(2, 1, 0))
 
 
+def chunk_name(vol, box: Box, mip: int | None = None) -> str:
+    """The file name (relative to the layer) of the chunk whose box, clipped to the bounds, is `box`."""
+    mip = vol.mip if mip is None else mip
+    (x0, y0, z0), (x1, y1, z1) = box.start, box.stop
+    return f"{vol.meta.key(mip)}/{x0}-{x1}_{y0}-{y1}_{z0}-{z1}"
+
+
+def mip_bounds(vol, mip: int | None = None) -> Box:
+    """A layer's bounds at `mip` (default: the volume's current mip) in that mip's voxels."""
+    bounds = vol.meta.bounds(vol.mip if mip is None else mip)
+    return Box(tuple(int(v) for v in bounds.minpt), tuple(int(v) for v in bounds.maxpt))  # type: ignore[arg-type]
+
+
 def write_box(vol, box: Box, data_zyx: np.ndarray) -> None:
-    """Write a [z, y, x] array into `box` of the layer."""
+    """Write a [z, y, x] array into `box` of the layer (at the volume's mip), any box inside it.
+
+    Only whole chunk files are ever written. A box off the chunk grid is widened to whole chunks;
+    the chunks it covers partly are read first and keep their voxels outside the box, and those
+    that do not exist yet are created, with zeros outside the box. (cloud-volume's own
+    `non_aligned_writes` instead fails with EmptyVolumeException on a chunk that does not exist
+    yet, which is every edge chunk of a new layer.)
+
+    Concurrency: the read-modify-write of a partial chunk is not atomic, so two writers must never
+    share a chunk. Service tasks write chunk-aligned boxes (`chunk_grid(..., align_to=chunk_size)`);
+    an interactive box (`exaconnect segment --bbox`) is the only writer of its layer.
+    """
     if tuple(data_zyx.shape) != tuple(reversed(box.shape)):
         raise InputError(f"array of shape {data_zyx.shape} does not fill box {box} (z,y,x {tuple(reversed(box.shape))})")
-    vol[box.slices()] = np.ascontiguousarray(data_zyx.transpose(2, 1, 0)).astype(vol.dtype, copy=False)
+    bounds = mip_bounds(vol)
+    require_inside(box, bounds, f"write into layer {vol.cloudpath}")
+    data = np.ascontiguousarray(data_zyx.transpose(2, 1, 0)).astype(vol.dtype, copy=False)
+    chunk = tuple(int(c) for c in vol.meta.chunk_size(vol.mip))
+    whole = snap_to_grid(box, chunk, bounds.start, bounds)
+    if whole == box:
+        vol[box.slices()] = data
+        return
+    buffer = np.zeros(whole.shape, dtype=vol.dtype)
+    fill_missing = vol.fill_missing
+    vol.fill_missing = True  # chunks not written yet are created here, zeros outside the box
+    try:
+        for part in _partial_chunk_layers(box, whole, chunk, bounds.start):
+            at = tuple(slice(a - o, b - o) for a, b, o in zip(part.start, part.stop, whole.start))
+            buffer[at] = np.asarray(vol[part.slices()])[..., 0]
+    finally:
+        vol.fill_missing = fill_missing
+    buffer[tuple(slice(a - o, b - o) for a, b, o in zip(box.start, box.stop, whole.start))] = data
+    vol[whole.slices()] = buffer
+
+
+def _partial_chunk_layers(box: Box, whole: Box, chunk: Triple, origin: Triple) -> list[Box]:
+    """The one-chunk-thick slabs of `whole` (box widened to the chunk grid) at each face where
+    `box` does not end on the grid: together they hold every chunk that `box` covers partly."""
+    parts = []
+    for axis in range(3):
+        if box.start[axis] != whole.start[axis]:
+            stop = list(whole.stop)
+            stop[axis] = min(whole.stop[axis], whole.start[axis] + chunk[axis] - (whole.start[axis] - origin[axis]) % chunk[axis])
+            parts.append(Box(whole.start, tuple(stop)))  # type: ignore[arg-type]
+        if box.stop[axis] != whole.stop[axis]:
+            start = list(whole.start)
+            start[axis] = origin[axis] + (whole.stop[axis] - 1 - origin[axis]) // chunk[axis] * chunk[axis]
+            parts.append(Box(tuple(start), whole.stop))  # type: ignore[arg-type]
+    return parts

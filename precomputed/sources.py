@@ -37,6 +37,16 @@ class StackSource:
         return slab
 
 
+def absolute_source(src: str) -> str:
+    """SRC with its file part made absolute (`rel/x.h5:ds` -> `/abs/rel/x.h5:ds`), so that a task
+    carrying it opens the same file from any working directory."""
+    text = str(src)
+    path_part, sep, dataset = text.partition(".h5:")
+    if sep:
+        return os.path.abspath(os.path.expanduser(path_part + ".h5")) + ":" + dataset
+    return os.path.abspath(os.path.expanduser(text))
+
+
 def open_source(src: str) -> StackSource:
     """Open SRC, checking that every section has the same size before returning."""
     text = str(src)
@@ -83,11 +93,18 @@ def _open_hdf5(path_text: str, dataset: str) -> StackSource:
 
     if not os.path.exists(path_text):
         raise InputError(f"source {path_text} does not exist; expected an HDF5 file")
-    with h5py.File(path_text, "r") as f:
-        if dataset not in f:
-            raise InputError(f"source {path_text} has no dataset {dataset!r}; it has {sorted(f.keys())}")
-        ds = f[dataset]
-        shape, dtype = tuple(ds.shape), ds.dtype
+    if not h5py.is_hdf5(path_text):
+        raise InputError(f"source {path_text} is not an HDF5 file; expected FILE.h5:DATASET naming an HDF5 dataset")
+    try:
+        with h5py.File(path_text, "r") as f:
+            if dataset not in f:
+                raise InputError(f"source {path_text} has no dataset {dataset!r}; it has {sorted(f.keys())}")
+            ds = f[dataset]
+            if not isinstance(ds, h5py.Dataset):
+                raise InputError(f"source {path_text}:{dataset} is an HDF5 group; expected a dataset")
+            shape, dtype = tuple(ds.shape), ds.dtype
+    except OSError as exc:
+        raise InputError(f"source {path_text} cannot be read as HDF5 ({exc})") from exc
     if len(shape) != 3:
         raise InputError(f"source {path_text}:{dataset} has shape {shape}; expected a [z, y, x] stack")
 
@@ -101,12 +118,17 @@ def _open_hdf5(path_text: str, dataset: str) -> StackSource:
 def _open_multipage_tiff(path: Path) -> StackSource:
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error on bad files
+        raise InputError(f"source {path} is not a readable TIFF ({exc})") from exc
+    with tif:
         pages = tif.pages
         first = pages[0]
         shape = (len(pages), *first.shape[:2])
         dtype = first.dtype
         for i, page in enumerate(pages):
+            _require_grey_tiff_page(page, f"source {path}: page {i}")
             if page.shape[:2] != first.shape[:2]:
                 raise InputError(f"source {path}: page {i} is {page.shape[:2]}, page 0 is {first.shape[:2]}; expected equal sizes")
 
@@ -121,19 +143,63 @@ def _section_shape_and_dtype(path: Path) -> tuple[tuple[int, int], np.dtype]:
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception as exc:
+            raise InputError(f"section {path} is not a readable TIFF ({exc})") from exc
+        with tif:
             page = tif.pages[0]
+            _require_grey_tiff_page(page, f"section {path}")
             return tuple(page.shape[:2]), page.dtype  # type: ignore[return-value]
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            mode_dtypes = {"L": np.uint8, "P": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}
-            if image.mode not in mode_dtypes:
+            if image.mode == "P":
+                _grey_palette(image, path)  # raises unless every palette entry is grey
+            if image.mode not in _MODE_DTYPES:
                 raise InputError(f"section {path} has color mode {image.mode}; expected a grayscale image")
-            return (image.height, image.width), np.dtype(mode_dtypes[image.mode])
+            return (image.height, image.width), np.dtype(_MODE_DTYPES[image.mode])
     except OSError as exc:
         raise InputError(f"section {path} is not a readable image ({exc})") from exc
+
+
+_MODE_DTYPES = {"L": np.uint8, "P": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}
+
+
+def _require_grey_tiff_page(page, what: str) -> None:
+    samples = int(getattr(page, "samplesperpixel", 1) or 1)
+    if samples > 1 or len(page.shape) > 2:
+        raise InputError(f"{what} has {samples} samples per pixel (shape {tuple(page.shape)}, e.g. RGB); "
+                         "expected a grayscale image (one sample per pixel)")
+
+
+def _grey_palette(image, path) -> np.ndarray:
+    """The grey level of each palette index of a palette ("P") image; InputError if any palette
+    entry has colour (r, g, b not equal): a colour image has no single grey value per pixel."""
+    palette = np.asarray(image.getpalette("RGB") or [], dtype=np.uint8)
+    palette = palette[: len(palette) // 3 * 3].reshape(-1, 3)
+    if len(palette) == 0:
+        raise InputError(f"section {path} is a palette image without a palette; expected a grayscale image")
+    if not (palette == palette[:, :1]).all():
+        raise InputError(f"section {path} is a colour palette image; expected a grayscale image "
+                         "(a palette image is accepted only when every palette entry is grey)")
+    lut = np.zeros(256, dtype=np.uint8)
+    lut[: len(palette)] = palette[:256, 0]
+    return lut
+
+
+def _read_section(name: str) -> np.ndarray:
+    """One section as a 2-D array; grey palette PNGs become their grey levels."""
+    if name.lower().endswith(".png"):
+        from PIL import Image
+
+        with Image.open(name) as image:
+            if image.mode == "P":
+                return _grey_palette(image, name)[np.asarray(image)]
+    import imageio.v3 as iio
+
+    return np.asarray(iio.imread(name))
 
 
 def _open_section_folder(folder: Path) -> StackSource:
@@ -150,9 +216,7 @@ def _open_section_folder(folder: Path) -> StackSource:
     names = [str(p) for p in files]
 
     def read(z_start: int, z_stop: int) -> np.ndarray:
-        import imageio.v3 as iio
-
-        return np.stack([np.asarray(iio.imread(name)) for name in names[z_start:z_stop]])
+        return np.stack([_read_section(name) for name in names[z_start:z_stop]])
 
     return StackSource(str(folder), (len(files), *shape0), dtype0, read)  # type: ignore[arg-type]
 

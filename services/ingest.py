@@ -10,8 +10,9 @@ from taskqueue import RegisteredTask
 
 from exaconnect.errors import InputError
 from exaconnect.precomputed.bbox import Box, Triple
-from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, layer_url, open_layer
-from exaconnect.precomputed.sources import StackSource, check_labels, open_source
+from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, layer_url, open_layer, write_box
+from exaconnect.precomputed.sources import StackSource, absolute_source, check_labels, open_source
+from exaconnect.precomputed.verify import record_checksums
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,9 @@ def prepare_ingest(src: str, dest: str, options: IngestOptions) -> tuple[StackSo
     )
     provenance = Provenance(
         stage="ingest",
-        parameters={"source": str(src), "type": options.layer_type, "chunk_size": list(options.chunk_size),
+        parameters={"source": absolute_source(src), "type": options.layer_type, "chunk_size": list(options.chunk_size),
                     "encoding": spec.resolved_encoding},
-        inputs=[str(src)],
+        inputs=[absolute_source(src)],
     )
     vol = create_layer(dest, spec, provenance, overwrite=options.overwrite)
     return source, vol
@@ -68,8 +69,9 @@ def ingest_slab(source: StackSource, vol, z_start: int, z_stop: int) -> None:
     slab = source.read_slab(z_start, z_stop)
     offset = vol.meta.voxel_offset(0)
     box = Box.from_shape((slab.shape[2], slab.shape[1], slab.shape[0]), (offset[0], offset[1], offset[2] + z_start))
-    data = np.ascontiguousarray(slab.transpose(2, 1, 0)).astype(vol.dtype, copy=False)
-    vol[box.slices()] = data
+    write_box(vol, box, slab)
+    # Read-back check and checksum manifest of the chunks just written (`exaconnect layer verify`).
+    record_checksums(vol, box)
 
 
 class IngestTask(RegisteredTask):
@@ -80,14 +82,25 @@ class IngestTask(RegisteredTask):
 
     def execute(self) -> None:
         source = open_source(self.src)
-        vol = open_layer(self.dest)
+        vol = open_layer(self.dest)  # a full URL; a bare relative path would depend on the worker's cwd
         ingest_slab(source, vol, int(self.z_start), int(self.z_stop))
 
 
-def create_ingest_tasks(src: str, dest: str, options: IngestOptions) -> list[IngestTask]:
+def create_ingest_tasks(src: str, dest: str, options: IngestOptions, queue: str | None = None) -> list[IngestTask]:
+    """One task per chunk-aligned z-slab (slabs never share a chunk, so tasks never race).
+
+    Payloads are self-contained: the source as an absolute path and the layer as a full URL, so a
+    worker started in any directory (a pod, a PBS job) finds both. `queue`, when given, is checked
+    before anything is written: an unusable queue must not leave a layer behind.
+    """
+    if queue is not None:
+        from exaconnect.services.queue import queue_url
+
+        queue_url(queue)
     source, vol = prepare_ingest(src, dest, options)
     url = layer_url(dest)
-    return [IngestTask(str(src), url, a, b) for a, b in slab_ranges(source.shape[0], options.chunk_size[2])]
+    src_abs = absolute_source(src)
+    return [IngestTask(src_abs, url, a, b) for a, b in slab_ranges(source.shape[0], options.chunk_size[2])]
 
 
 def ingest_now(src: str, dest: str, options: IngestOptions, progress: bool = True) -> None:
@@ -97,3 +110,19 @@ def ingest_now(src: str, dest: str, options: IngestOptions, progress: bool = Tru
     source, vol = prepare_ingest(src, dest, options)
     for a, b in tqdm(slab_ranges(source.shape[0], options.chunk_size[2]), desc=f"ingest {src}", unit="slab", disable=not progress or None):
         ingest_slab(source, vol, a, b)
+
+
+def ingest_stage(src: str, dest: str, options: IngestOptions, name: str = "ingest",
+                 requires: tuple[str, ...] = ()):
+    """The ingest of one source as a runner stage (one task per z-slab)."""
+    import dataclasses
+    import os
+
+    from exaconnect.services.stages import Stage
+
+    path, h5, _ = str(src).partition(".h5:")
+    source = absolute_source(src) if os.path.exists(path + h5[:-1] if h5 else str(src)) else str(src)
+    return Stage(name, "ingest", lambda: create_ingest_tasks(source, dest, options), requires,
+                 reads=(source,), writes=(layer_url(dest),),
+                 parameters={"src": source, "dest": layer_url(dest), "options": dataclasses.asdict(options)},
+                 description=f"{options.layer_type} sections -> precomputed")

@@ -24,6 +24,7 @@ from taskqueue import RegisteredTask
 from exaconnect.errors import LayerError
 from exaconnect.precomputed.bbox import Box
 from exaconnect.precomputed.layers import open_layer, write_box
+from exaconnect.precomputed.verify import record_checksums
 from exaconnect.precomputed.stitching import (
     apply_equivalence,
     equivalence_from_edges,
@@ -152,7 +153,9 @@ class SegmentRelabelTask(RegisteredTask):
     def execute(self) -> None:
         run = load_run(self.staging)
         labels, box = relabel_cell(run, self.pass_name, self.index)
-        write_box(open_layer(run.segmentation_layer, layer_type="segmentation"), box, labels)
+        vol = open_layer(run.segmentation_layer, layer_type="segmentation")
+        write_box(vol, box, labels)
+        record_checksums(vol, box)  # read back, and kept for `exaconnect layer verify`
 
 
 def create_faces_tasks(run: SegmentRun, pass_name: str | None = None) -> list[SegmentFacesTask]:

@@ -56,3 +56,39 @@ def test_parse_roundtrip_and_triples():
     assert parse_triple("8,8,4", "--chunk-size") == (8, 8, 4)
     with pytest.raises(InputError, match="--chunk-size"):
         parse_triple("8,0,4", "--chunk-size")
+
+
+@pytest.mark.parametrize("text", ["nan,4,4", "inf,4,4", "4,-inf,4", "4,4,0", "4,4", "a,b,c"])
+def test_resolution_must_be_three_finite_positive_numbers(text):
+    from exaconnect.precomputed.bbox import parse_resolution
+
+    with pytest.raises(InputError, match="--resolution"):
+        parse_resolution(text)
+
+
+def test_resolution_parses():
+    from exaconnect.precomputed.bbox import parse_resolution
+
+    assert parse_resolution("4,4.5,40") == (4.0, 4.5, 40.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.tuples(st.integers(-20, 20), st.integers(-20, 20), st.integers(-20, 20)),
+       st.tuples(small, small, small), st.tuples(st.sampled_from([2, 4, 8, 16]), st.sampled_from([2, 4, 8, 16]), st.sampled_from([2, 4, 8, 16])),
+       st.data())
+def test_chunk_boxes_are_the_clipped_chunks_touching_a_region(offset, size, chunk, data):
+    from exaconnect.precomputed.bbox import chunk_boxes, snap_to_grid
+
+    bounds = Box.from_shape(size, offset)
+    start = tuple(data.draw(st.integers(a, b - 1)) for a, b in zip(bounds.start, bounds.stop))
+    stop = tuple(data.draw(st.integers(a + 1, b)) for a, b in zip(start, bounds.stop))
+    region = Box(start, stop)
+    boxes = list(chunk_boxes(region, bounds, chunk))
+    whole = snap_to_grid(region, chunk, bounds.start, bounds)
+    assert whole.contains(region) and bounds.contains(whole)
+    assert sum(b.size for b in boxes) == whole.size
+    for b in boxes:
+        # on the layer's chunk grid, clipped only by the layer's bounds, touching the region
+        assert all((a - o) % c == 0 for a, o, c in zip(b.start, bounds.start, chunk))
+        assert all(e == min(a + c, s) for a, e, c, s in zip(b.start, b.stop, chunk, bounds.stop))
+        assert not b.intersection(region).empty()

@@ -1,8 +1,9 @@
 """Ingest through the real queue and real worker processes, checked voxel for voxel."""
 
+import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,21 +19,32 @@ def read_layer(path) -> np.ndarray:
     return read_box(vol, layer_bounds(vol))
 
 
-def test_fib25_sections_and_groundtruth_through_queue_with_two_workers(tmp_path, shared_dir, fib25_image, fib25_groundtruth):
-    queue = tmp_path / "queue"
+def test_fib25_sections_and_groundtruth_through_queue_with_two_workers(tmp_path, monkeypatch, shared_dir, fib25_image,
+                                                                       fib25_groundtruth):
+    """Relative SRC and layer paths on the command line; workers started in another directory
+    (as a pod or a PBS job is) still find both, because payloads carry absolute names."""
     fib = shared_dir / "data/fib25/training_sample2"
-    assert main(["ingest", str(fib / "grayscale_maps"), str(tmp_path / "image"), "--resolution", "10,10,10",
-                 "--queue", str(queue)]) == 0
-    assert main(["ingest", f"{fib}/groundtruth.h5:stack", str(tmp_path / "gt"), "--resolution", "10,10,10",
-                 "--type", "segmentation", "--queue", str(queue)]) == 0
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    sections = os.path.relpath(fib / "grayscale_maps", work)
+    groundtruth = os.path.relpath(fib / "groundtruth.h5", work) + ":stack"
+    assert main(["ingest", "enqueue", sections, "image", "--resolution", "10,10,10", "--queue", "queues"]) == 0
+    assert main(["ingest", "enqueue", groundtruth, "gt", "--resolution", "10,10,10", "--type", "segmentation",
+                 "--queue", "queues"]) == 0
+    queue = str(work / "queues" / "ingest")
     # 250 sections in 64-deep slabs -> 4 tasks per layer.
-    done = subprocess.run(EXA + ["worker", str(queue), "--processes", "2", "--exit-when-empty", "--lease-seconds", "120"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(EXA + ["queue", "work", queue, "--processes", "2", "--exit-when-empty", "--lease-seconds", "120"],
+                          capture_output=True, text=True, timeout=600, cwd=elsewhere)
     assert done.returncode == 0, done.stderr[-2000:]
-    np.testing.assert_array_equal(read_layer(tmp_path / "image"), fib25_image)
-    np.testing.assert_array_equal(read_layer(tmp_path / "gt"), fib25_groundtruth)
-    status = subprocess.run(EXA + ["status", str(queue)], capture_output=True, text=True)
-    assert '"completed": 8' in status.stdout and '"enqueued": 0' in status.stdout and '"failed": 0' in status.stdout
+    np.testing.assert_array_equal(read_layer(work / "image"), fib25_image)
+    np.testing.assert_array_equal(read_layer(work / "gt"), fib25_groundtruth)
+    status = subprocess.run(EXA + ["queue", "status", queue], capture_output=True, text=True)
+    counts = json.loads(status.stdout.strip().splitlines()[-1])
+    assert (counts["completed"], counts["enqueued"], counts["failed"]) == (8, 0, 0), counts
+    from exaconnect.precomputed.verify import verify_layer
+
+    assert verify_layer(str(work / "gt"))["ok"] and verify_layer(str(work / "image"))["ok"]
 
 
 def test_tiff_and_npy_sources(tmp_path):
@@ -46,7 +58,7 @@ def test_tiff_and_npy_sources(tmp_path):
     for z in range(stack.shape[0]):
         tifffile.imwrite(tmp_path / "sections" / f"s{z:03d}.tif", stack[z])
     for name in ("stack.tif", "stack.npy", "sections"):
-        assert main(["ingest", str(tmp_path / name), str(tmp_path / f"out-{name}"), "--resolution", "4,4,40",
+        assert main(["ingest", "run", str(tmp_path / name), str(tmp_path / f"out-{name}"), "--resolution", "4,4,40",
                      "--chunk-size", "16,16,4"]) == 0
         np.testing.assert_array_equal(read_layer(tmp_path / f"out-{name}"), stack)
 
@@ -92,7 +104,7 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(tmp_path, capsys, cas
         with h5py.File(tmp_path / "x.h5", "w") as f:
             f["stack"] = np.zeros((4, 4, 4), np.uint8)
         src = f"{tmp_path}/x.h5:other"
-    code = main(["ingest", str(src), str(tmp_path / "layer"), "--resolution", resolution, *args_extra])
+    code = main(["ingest", "run", str(src), str(tmp_path / "layer"), "--resolution", resolution, *args_extra])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1

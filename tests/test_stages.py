@@ -1,5 +1,5 @@
-"""Downsample, mesh and skeletonize through real queues and workers on the synthetic sample,
-and the whole demo through its CLI."""
+"""Downsample, mesh and skeletonize through the stage runner (real queues and workers) on the
+synthetic sample, and the whole demo through its CLI."""
 
 import json
 import subprocess
@@ -13,14 +13,19 @@ from exaconnect.precomputed.synthetic import SyntheticSpec, synthetic_volume
 from exaconnect.services.downsample import create_downsample_tasks
 from exaconnect.services.ingest import IngestOptions, ingest_now
 from exaconnect.services.mesh import create_mesh_forge_tasks, create_mesh_merge_tasks
-from exaconnect.services.queue import enqueue, queue_status
+from exaconnect.services.queue import queue_status
+from exaconnect.services.runner import RunnerOptions, run_stages
 from exaconnect.services.skeletonize import create_skeleton_forge_tasks, create_skeleton_merge_tasks
-from exaconnect.services.worker import Worker, WorkerOptions
+from exaconnect.services.stages import Stage
 
 
-def drain(queue):
-    Worker(queue, WorkerOptions(exit_when_empty=True, idle_poll_seconds=0.1)).run()
-    status = queue_status(queue)
+def run(root, name, service, tasks):
+    """One stage through the runner with an in-process worker; its queue is ROOT/q/SERVICE."""
+    tasks = list(tasks)
+    report = run_stages([Stage(name, service, lambda: tasks)],
+                        RunnerOptions(str(root / "q"), str(root / "records"), workers=1, progress=False))
+    assert report.results[name].tasks == len(tasks)
+    status = queue_status(str(root / "q" / service))
     assert status.enqueued == 0 and status.failed == 0
 
 
@@ -37,10 +42,8 @@ def sample_layers(tmp_path_factory):
 
 def test_downsample_mean_for_images_and_mode_for_labels(sample_layers):
     root, image, labels = sample_layers
-    queue = str(root / "q-downsample")
-    enqueue(queue, list(create_downsample_tasks(str(root / "image"), num_mips=2)) +
-            list(create_downsample_tasks(str(root / "labels"), num_mips=2)))
-    drain(queue)
+    run(root, "pyramids", "downsample", list(create_downsample_tasks(str(root / "image"), num_mips=2)) +
+        list(create_downsample_tasks(str(root / "labels"), num_mips=2)))
     img1 = read_box(open_layer(str(root / "image"), mip=1), layer_bounds(open_layer(str(root / "image"), mip=1)).__class__((0, 0, 0), (32, 32, 32)))
     expected = image.reshape(32, 2, 32, 2, 32, 2).astype(float).mean(axis=(1, 3, 5))
     assert np.abs(img1.astype(float) - expected).max() <= 1.0  # averaging, rounded
@@ -53,17 +56,14 @@ def test_downsample_mean_for_images_and_mode_for_labels(sample_layers):
 def test_meshes_and_skeletons_load_for_every_object(sample_layers):
     root, image, labels = sample_layers
     url = layer_url(str(root / "labels"))
-    queue = str(root / "q-mesh")
-    enqueue(queue, create_mesh_forge_tasks(url, shape=(32, 32, 32)))
-    drain(queue)
+    run(root, "mesh.forge", "mesh", create_mesh_forge_tasks(url, shape=(32, 32, 32)))
     # Workers leave a box per task for the viewer's live task layer.
     from exaconnect.viewer.tasks import read_task_states
 
-    states = read_task_states(f"{queue}/boxes")
+    states = read_task_states(f"{root}/q/mesh/boxes")
     assert len(states.tasks) == 8 and {t.state for t in states.tasks} == {"done"}
     assert sorted(t.bbox for t in states.tasks)[0][:3] == (0, 0, 0)
-    enqueue(queue, create_mesh_merge_tasks(url))
-    drain(queue)
+    run(root, "mesh.merge", "mesh", create_mesh_merge_tasks(url))
     vol = open_layer(url)
     ids = [int(i) for i in np.unique(labels) if i]
     meshes = vol.mesh.get(ids, fuse=False)
@@ -74,11 +74,8 @@ def test_meshes_and_skeletons_load_for_every_object(sample_layers):
     vmin, vmax = meshes[biggest].vertices.min(0), meshes[biggest].vertices.max(0)
     assert np.allclose(vmin, zyx.min(0)[::-1] * 10, atol=15) and np.allclose(vmax, zyx.max(0)[::-1] * 10, atol=15)
 
-    queue = str(root / "q-skel")
-    enqueue(queue, create_skeleton_forge_tasks(url, shape=(32, 32, 32), dust_threshold=100))
-    drain(queue)
-    enqueue(queue, create_skeleton_merge_tasks(url))
-    drain(queue)
+    run(root, "skeleton.forge", "skeletonize", create_skeleton_forge_tasks(url, shape=(32, 32, 32), dust_threshold=100))
+    run(root, "skeleton.merge", "skeletonize", create_skeleton_merge_tasks(url))
     skeleton = open_layer(url).skeleton.get(biggest)  # reopened: the info now names the skeleton dir
     assert len(skeleton.vertices) > 10 and len(skeleton.edges) > 10
     # Skeleton vertices lie inside their object.

@@ -12,7 +12,6 @@ temporary local queue, as igneous does with its LocalTaskQueue.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from typing import Any, Sequence
 
@@ -50,17 +49,6 @@ def parse_sets(items: Sequence[str] | None, allowed: Sequence[str] | None = None
     return overrides
 
 
-def parse_resolution(text: str, name: str = "--resolution") -> tuple[float, float, float]:
-    parts = text.split(",")
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        raise InputError(f"{name} {text!r}: expected three numbers X,Y,Z in nm") from None
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"{name} {text!r}: expected three finite numbers > 0, X,Y,Z in nm")
-    return values  # type: ignore[return-value]
-
-
 def parse_bbox(text: str | None):
     from exaconnect.precomputed.bbox import Box
 
@@ -80,6 +68,11 @@ def add_queue_arguments(parser: argparse.ArgumentParser, workers_default: int | 
     parser.add_argument("--workers", type=int, default=workers_default,
                         help="local worker processes draining each stage (default: 1 without --queue, 2 with it); "
                              "0 leaves the queue to remote workers and waits for them")
+
+
+def add_allow_missing_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="read missing input chunks as zeros instead of refusing to start (a layer with holes)")
 
 
 def add_enqueue_arguments(parser: argparse.ArgumentParser, stages: Sequence[str]) -> None:

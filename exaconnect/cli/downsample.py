@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from exaconnect.cli.common import (POSITIONAL_HELP, add_enqueue_arguments, add_queue_arguments, enqueue_one_stage,
+from exaconnect.cli.common import (POSITIONAL_HELP, add_allow_missing_argument, add_enqueue_arguments, add_queue_arguments, enqueue_one_stage,
                                    parse_bbox, run_service_stages, triple)
 
 
@@ -12,7 +12,8 @@ def _stages(args: argparse.Namespace) -> list:
     from exaconnect.services.downsample import downsample_stage
 
     return [downsample_stage(args.layer, "downsample.pyramid", num_mips=args.num_mips, mip=args.mip,
-                             bbox=parse_bbox(args.bbox), factor=triple(args.factor, "--factor"))]
+                             bbox=parse_bbox(args.bbox), factor=triple(args.factor, "--factor"),
+                             allow_missing=args.allow_missing)]
 
 
 def register(subparsers) -> None:
@@ -25,6 +26,7 @@ def register(subparsers) -> None:
         v.add_argument("--mip", type=int, default=0, help="mip to start from")
         v.add_argument("--factor", default="2,2,2", help="X,Y,Z per mip (2,2,1 for thick serial sections)")
         v.add_argument("--bbox", default=None, help="x0,y0,z0,x1,y1,z1 in mip-0 voxels")
+        add_allow_missing_argument(v)
         if verb == "run":
             add_queue_arguments(v)
             v.set_defaults(func=lambda a: (run_service_stages(_stages(a), a), 0)[1])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from exaconnect.cli.common import (POSITIONAL_HELP, add_enqueue_arguments, add_queue_arguments, enqueue_one_stage,
-                                   parse_resolution, run_service_stages, triple)
+                                   run_service_stages, triple)
+from exaconnect.precomputed.bbox import parse_resolution
 
 
 def _stages(args: argparse.Namespace) -> list:

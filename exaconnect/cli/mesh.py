@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from exaconnect.cli.common import (POSITIONAL_HELP, add_enqueue_arguments, add_queue_arguments, enqueue_one_stage,
+from exaconnect.cli.common import (POSITIONAL_HELP, add_allow_missing_argument, add_enqueue_arguments, add_queue_arguments, enqueue_one_stage,
                                    run_service_stages, triple)
 
 
@@ -13,14 +13,15 @@ def _mesh_stages(args: argparse.Namespace) -> list:
     from exaconnect.services.mesh import mesh_stages
 
     return mesh_stages(args.segmentation_layer, mip=args.mip, shape=triple(args.shape, "--shape"),
-                       simplification_error=args.simplification_error)
+                       simplification_error=args.simplification_error, allow_missing=args.allow_missing)
 
 
 def _skeleton_stages(args: argparse.Namespace) -> list:
     from exaconnect.services.skeletonize import skeleton_stages
 
     return skeleton_stages(args.segmentation_layer, mip=args.mip, shape=triple(args.shape, "--shape"),
-                           scale=args.scale, const=args.const, dust_threshold=args.dust_threshold)
+                           scale=args.scale, const=args.const, dust_threshold=args.dust_threshold,
+                           allow_missing=args.allow_missing)
 
 
 def _register(subparsers, noun: str, help_text: str, make, extra) -> None:
@@ -31,6 +32,7 @@ def _register(subparsers, noun: str, help_text: str, make, extra) -> None:
         v.add_argument("segmentation_layer", help=POSITIONAL_HELP["segmentation_layer"])
         v.add_argument("--mip", type=int, default=0)
         v.add_argument("--shape", default="256,256,256", help="task box X,Y,Z")
+        add_allow_missing_argument(v)
         extra(v)
         if verb == "run":
             add_queue_arguments(v)

@@ -1,5 +1,6 @@
 """`exaconnect queue work|status|purge|dead-letters`: run workers on a queue and look after it.
 
+    exaconnect queue create QUEUE [--shards 64]
     exaconnect queue work QUEUE [--processes N] [--lease-seconds S] [--max-attempts N] ...
     exaconnect queue status QUEUE [--watch]
     exaconnect queue purge QUEUE [--dead-letters]
@@ -26,12 +27,33 @@ def cmd_work(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     logging.getLogger("exaconnect").setLevel(logging.INFO)
+    if args.device in ("gpu", "xpu"):
+        from exaconnect.ffn.device import require_device
+
+        require_device(args.device)  # absent: InputError, one line, exit 2 (as `exaconnect doctor --device`)
     options = WorkerOptions(lease_seconds=args.lease_seconds, exit_when_empty=args.exit_when_empty,
                             max_attempts=args.max_attempts, ledger_dir=args.ledger_dir,
                             task_modules=tuple(args.task_module), heartbeat=args.heartbeat,
                             create_queue=args.create_queue, max_restarts=args.max_restarts,
                             retry_delay_seconds=args.retry_delay_seconds, max_tasks=args.max_tasks)
     return run_workers(args.queue, options, processes=args.processes)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from exaconnect.errors import InputError
+    from exaconnect.services.file_queue import FileQueue, is_file_queue
+    from exaconnect.services.queue import open_queue, queue_path
+
+    path = queue_path(args.queue)
+    if path is None:
+        raise InputError(f"queue {args.queue}: only file queues are created here (SQS queues are made in AWS)")
+    if args.shards < 1:
+        raise InputError(f"--shards {args.shards}: expected at least 1")
+    existed = is_file_queue(path)
+    queue = open_queue(args.queue, create=True, shards=args.shards)
+    assert isinstance(queue, FileQueue)
+    print(f"{'queue already exists' if existed else 'created queue'} {path} with {queue.shards} shards")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -135,6 +157,11 @@ def register(subparsers) -> None:
     noun = subparsers.add_parser("queue", help="run workers on a queue; status, purge, dead letters")
     verbs = noun.add_subparsers(dest="verb", required=True)
 
+    p = verbs.add_parser("create", help="create an empty file queue (choose its shard count before enqueueing)")
+    _queue_args(p)
+    p.add_argument("--shards", type=int, default=64, help="sub-folders; about workers/16 for thousands of workers")
+    p.set_defaults(func=cmd_create)
+
     p = verbs.add_parser("work", help="lease, run and delete tasks (the worker)")
     _queue_args(p)
     p.add_argument("--processes", type=int, default=1, help="supervised worker processes (dead ones are replaced)")
@@ -147,6 +174,8 @@ def register(subparsers) -> None:
     p.add_argument("--task-module", action="append", default=[], help="import this module's task classes too (repeatable)")
     p.add_argument("--heartbeat", default=None, metavar="PATH", help="rewrite PATH at least every 30 s while alive (liveness probes)")
     p.add_argument("--create-queue", action="store_true", help="create an empty file queue if there is none yet")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu", "xpu"], default="auto",
+                   help="gpu|xpu: refuse to start (exit 2) when that device is absent; tasks choose their own device")
     p.set_defaults(func=cmd_work)
 
     p = verbs.add_parser("status", help="inserted, enqueued, leased, completed, failed (dead-lettered), retrying")

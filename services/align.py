@@ -27,6 +27,7 @@ from taskqueue import RegisteredTask
 from exaconnect.errors import InputError, LayerError
 from exaconnect.precomputed.bbox import Box, chunk_grid
 from exaconnect.precomputed.store import ArtifactStore
+from exaconnect.precomputed.verify import record_checksums
 from exaconnect.precomputed.layers import (LayerSpec, Provenance, create_layer, layer_bounds, layer_url, local_path,
                                            open_layer, read_box, write_box)
 from exaconnect.align.match import AlignConfig, finalize_meshes, match_section
@@ -413,7 +414,9 @@ class AlignApplyTask(RegisteredTask):
         meshes, stride = load_meshes(self.alignment)
         box = Box.from_list(self.box)
         out = render_box(src_vol, meshes, stride, layer_bounds(src_vol), box, order=int(self.order))
-        write_box(open_layer(self.dest), box, out)
+        dest = open_layer(self.dest)
+        write_box(dest, box, out)
+        record_checksums(dest, box)
 
 
 def create_align_apply_tasks(src: str, dest: str, alignment: str, order: int = 0) -> list[AlignApplyTask]:

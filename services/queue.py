@@ -1,10 +1,12 @@
-"""The shared task queue: python-task-queue's `fq://` file queue by default (it needs nothing
-but a shared filesystem, as on Aurora's Lustre/DAOS), SQS URLs passed through.
+"""The shared task queue: a sharded file queue (`services/file_queue.py`) for paths and `fq://`
+URLs (it needs nothing but a shared filesystem, as on Aurora's Lustre/DAOS), SQS URLs passed
+through to python-task-queue.
 
-task-queue leases, deletes and counts completions; it has no notion of a failed task. We add a
-small failure ledger beside the queue: each failure of a task is recorded under its id, and a
-task that has failed `max_attempts` times is moved to a dead-letter record (task payload plus
-every traceback) and deleted, so one bad chunk cannot stall a run.
+Task-queue leases, deletes and counts completions; it has no notion of a failed task. We add a
+small failure ledger beside the queue: every failure of a task (its traceback, or the signal that
+killed its worker) is recorded under its id, and a task that has used `max_attempts` leases is
+moved to a dead-letter record (payload, reason, every failure) and deleted, so one bad chunk
+cannot stall a run. `exaconnect queue dead-letters` lists, shows, requeues and purges them.
 """
 
 from __future__ import annotations
@@ -30,24 +32,43 @@ def queue_url(spec: str) -> str:
     return "fq://" + os.path.abspath(text)
 
 
-def open_queue(spec: str, create: bool = True):
-    """A TaskQueue for `spec`; for a file queue that must already exist, say so clearly."""
-    from taskqueue import TaskQueue
+def queue_path(spec: str) -> Path | None:
+    """The folder of a file queue, None for other queues."""
+    url = queue_url(spec)
+    return Path(url[len("fq://") :]) if url.startswith("fq://") else None
+
+
+def open_queue(spec: str, create: bool = True, shards: int | None = None):
+    """The queue named by `spec`: a `FileQueue` for a file queue, python-task-queue's TaskQueue
+    otherwise. With `create=False` a file queue must already exist, and we say so clearly."""
+    from exaconnect.services.file_queue import DEFAULT_SHARDS, FileQueue, is_file_queue
 
     url = queue_url(spec)
-    if url.startswith("fq://") and not create:
-        path = Path(url[len("fq://") :])
-        if not (path / "queue").is_dir():
-            raise QueueError(f"queue {url} does not exist (no {path / 'queue'}); enqueue tasks first")
-    return TaskQueue(url, progress=False)
+    path = queue_path(spec)
+    if path is None:
+        from taskqueue import TaskQueue
+
+        return TaskQueue(url, progress=False)
+    if not is_file_queue(path):
+        if (path / "queue").is_dir() and any((path / "queue").glob("*.json")):
+            raise QueueError(f"queue {url} has python-task-queue's flat layout (tasks in {path / 'queue'}); "
+                             f"drain it with an older exaconnect or purge it with `ptq purge {url}`")
+        if not create:
+            raise QueueError(f"queue {url} does not exist (no {path / 'layout.json'}); enqueue tasks first, "
+                             f"or start workers with --create-queue")
+    try:
+        return FileQueue(path, create=create, shards=shards or DEFAULT_SHARDS)
+    except (OSError, ValueError) as exc:
+        raise QueueError(f"queue {url}: {exc}") from None
 
 
 class FailureLedger:
     """Per-task failure records and the dead-letter store, kept as JSON files in a folder.
 
     For a file queue the folder lives inside the queue directory, so every worker on the shared
-    filesystem sees the same counts. For SQS, pass a shared folder (or use SQS's own redrive
-    policy, which this mirrors).
+    filesystem sees the same records. For SQS, pass a shared folder (or use SQS's own redrive
+    policy, which this mirrors). Only failures write here; a task that succeeds first time costs
+    no ledger file.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -65,14 +86,22 @@ class FailureLedger:
         safe = "".join(c if c.isalnum() else "_" for c in url)[-80:]
         return cls(Path("queues") / f"{safe}-ledger")
 
-    def record_failure(self, task_id: str, payload: dict, error: str) -> int:
-        """Append one failure; returns how many times this task has now failed."""
+    def _append(self, task_id: str, record: dict) -> int:
         self.failures.mkdir(parents=True, exist_ok=True)
         path = self.failures / f"{task_id}.jsonl"
         with open(path, "a") as f:
-            f.write(json.dumps({"time": time.time(), "error": error}) + "\n")
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
         with open(path) as f:
             return sum(1 for _ in f)
+
+    def record_failure(self, task_id: str, payload: dict | None, error: str, attempt: int | None = None) -> int:
+        """Append one failed attempt (a traceback); returns how many failures are recorded."""
+        return self._append(task_id, {"kind": "exception", "attempt": attempt, "error": error})
+
+    def record_death(self, task_id: str, how: str, pid: int | None = None) -> int:
+        """A worker died while running the task (seen by its parent: `how` names the signal)."""
+        return self._append(task_id, {"kind": "died", "pid": pid, "signal": how,
+                                      "error": f"worker {pid} died while running it ({how})"})
 
     def errors(self, task_id: str) -> list[dict]:
         path = self.failures / f"{task_id}.jsonl"
@@ -81,29 +110,52 @@ class FailureLedger:
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def bury(self, task_id: str, payload: dict) -> Path:
-        """Write the dead-letter record (atomically, then the caller deletes the task)."""
+    def bury(self, task_id: str, payload, reason: str | None = None, attempts: int | None = None) -> Path:
+        """Write the dead-letter record (atomically; then the caller deletes the task)."""
         self.dead_letter.mkdir(parents=True, exist_ok=True)
-        record = {"id": task_id, "payload": payload, "failures": self.errors(task_id)}
+        failures = self.errors(task_id)
+        record = {"id": task_id, "reason": reason or (failures[-1]["error"].strip().splitlines()[-1] if failures else "unknown"),
+                  "attempts": attempts, "time": time.time(), "payload": payload, "failures": failures}
         final = self.dead_letter / f"{task_id}.json"
-        tmp = final.with_suffix(".tmp")
+        tmp = self.dead_letter / f".{task_id}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(record, indent=1, default=str))
         os.replace(tmp, final)
+        self.forget(task_id)
         return final
 
     def forget(self, task_id: str) -> None:
         (self.failures / f"{task_id}.jsonl").unlink(missing_ok=True)
 
+    def dead_ids(self) -> set[str]:
+        if not self.dead_letter.exists():
+            return set()
+        return {p.stem for p in self.dead_letter.glob("*.json")}
+
+    def failing_ids(self) -> set[str]:
+        if not self.failures.exists():
+            return set()
+        return {p.stem for p in self.failures.glob("*.jsonl")} - self.dead_ids()
+
     def dead_count(self) -> int:
-        return len(list(self.dead_letter.glob("*.json"))) if self.dead_letter.exists() else 0
+        return len(self.dead_ids())
 
     def failing_count(self) -> int:
-        return len(list(self.failures.glob("*.jsonl"))) if self.failures.exists() else 0
+        return len(self.failing_ids())
 
     def dead_records(self) -> list[dict]:
         if not self.dead_letter.exists():
             return []
         return [json.loads(p.read_text()) for p in sorted(self.dead_letter.glob("*.json"))]
+
+    def dead_record(self, task_id: str) -> dict:
+        path = self.dead_letter / f"{task_id}.json"
+        if not path.is_file():
+            raise QueueError(f"no dead-lettered task {task_id} in {self.dead_letter}")
+        return json.loads(path.read_text())
+
+    def drop(self, task_id: str) -> None:
+        (self.dead_letter / f"{task_id}.json").unlink(missing_ok=True)
+        self.forget(task_id)
 
 
 @dataclass(frozen=True)
@@ -120,16 +172,25 @@ class QueueStatus:
 
 
 def queue_status(spec: str, ledger_dir: str | None = None) -> QueueStatus:
-    tq = open_queue(spec, create=False)
+    """Counts for `exaconnect queue status`. `failed`: dead-lettered tasks. `retrying`: tasks still
+    in the queue that already failed or lost a worker (a dead-lettered task is never retrying)."""
+    from exaconnect.services.file_queue import FileQueue
+
+    q = open_queue(spec, create=False)
     ledger = FailureLedger.for_queue(spec, ledger_dir)
-    return QueueStatus(
-        inserted=int(tq.inserted),
-        enqueued=int(tq.enqueued),
-        leased=int(tq.leased),
-        completed=int(tq.completed),
-        failed=ledger.dead_count(),
-        retrying=ledger.failing_count(),
-    )
+    dead = ledger.dead_ids()
+    if not isinstance(q, FileQueue):
+        return QueueStatus(int(q.inserted), int(q.enqueued), int(q.leased), int(q.completed), len(dead),
+                           ledger.failing_count())
+    now = int(time.time())
+    failing = ledger.failing_ids()
+    enqueued = leased = retrying = 0
+    for _, ts, ident, attempts in q.entries():
+        enqueued += 1
+        leased += ts > now
+        if ident not in dead and (attempts >= 2 or ident in failing or (attempts == 1 and ts <= now)):
+            retrying += 1
+    return QueueStatus(q.inserted, enqueued, leased, q.completed, len(dead), retrying)
 
 
 def enqueue(spec: str, tasks, total: int | None = None, description: str = "enqueue") -> int:
@@ -152,3 +213,49 @@ def enqueue(spec: str, tasks, total: int | None = None, description: str = "enqu
             count += tq.insert(batch, parallel=1)
             bar.update(len(batch))
     return count
+
+
+def purge_queue(spec: str, ledger_dir: str | None = None, dead_letters: bool = False) -> int:
+    """Delete every task, the counters and the failure records; dead letters too when asked.
+    Returns how many tasks were deleted."""
+    q = open_queue(spec, create=False)
+    count = int(q.enqueued)
+    q.purge()
+    ledger = FailureLedger.for_queue(spec, ledger_dir)
+    for p in ledger.failures.glob("*.jsonl") if ledger.failures.exists() else ():
+        p.unlink(missing_ok=True)
+    if dead_letters:
+        purge_dead_letters(spec, ledger_dir)
+    return count
+
+
+def requeue_dead_letters(spec: str, task_ids: list[str] | None = None, ledger_dir: str | None = None) -> int:
+    """Put dead-lettered tasks back on the queue under their own ids, with no attempts used and
+    no failures on record (`task_ids=None`: all of them). Returns how many."""
+    from exaconnect.services.file_queue import FileQueue
+
+    q = open_queue(spec, create=False)
+    ledger = FailureLedger.for_queue(spec, ledger_dir)
+    ids = sorted(ledger.dead_ids()) if task_ids is None else task_ids
+    count = 0
+    for task_id in ids:
+        record = ledger.dead_record(task_id)
+        payload = record.get("payload")
+        if not isinstance(payload, dict):
+            raise QueueError(f"dead-lettered task {task_id}: its payload is not a task (not JSON), cannot requeue it")
+        if isinstance(q, FileQueue):
+            q.delete_id(task_id)  # in case it was buried between its record and its delete
+            q.insert([payload], task_id=task_id)
+        else:
+            q.insert([payload])
+        ledger.drop(task_id)
+        count += 1
+    return count
+
+
+def purge_dead_letters(spec: str, ledger_dir: str | None = None) -> int:
+    ledger = FailureLedger.for_queue(spec, ledger_dir)
+    ids = ledger.dead_ids()
+    for task_id in ids:
+        ledger.drop(task_id)
+    return len(ids)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -105,20 +104,12 @@ def stage_records(record: str) -> dict[str, dict]:
     return out
 
 
-def _clear_ledger(queue: str) -> None:
-    from exaconnect.services.queue import FailureLedger
-
-    ledger = FailureLedger.for_queue(queue)
-    shutil.rmtree(ledger.dead_letter, ignore_errors=True)
-    shutil.rmtree(ledger.failures, ignore_errors=True)
-
-
 def _enqueue_stage(stage: Stage, queue: str, progress: bool) -> int:
-    from exaconnect.services.queue import enqueue, open_queue
+    from exaconnect.services.queue import enqueue, open_queue, purge_queue
 
     # An interrupted enqueue (or an older run's tasks) may have left tasks behind: start clean.
-    open_queue(queue).purge()
-    _clear_ledger(queue)
+    open_queue(queue)
+    purge_queue(queue, dead_letters=True)
     tasks = list(stage.make_tasks())
     if not tasks:
         return 0
@@ -199,6 +190,10 @@ def _drain_locally(stage: Stage, queue: str, count: int, options: RunnerOptions)
 
     worker_options = WorkerOptions(lease_seconds=max(options.lease_seconds or stage.lease_seconds, 10),
                                    exit_when_empty=True, idle_poll_seconds=0.2, max_attempts=options.max_attempts,
+                                   # A failed task is retried after seconds, not after its lease: the
+                                   # runner waits on this stage, and an hour-long segment lease would
+                                   # stall it on every retry of a deterministic failure.
+                                   retry_delay_seconds=2.0,
                                    task_modules=tuple(options.task_modules),
                                    log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING")
     stop = threading.Event()

@@ -147,12 +147,16 @@ def prepare_run(
             raise InputError(f"--bbox {box}: start is not on the chunk grid {chunk} of {layer_url(image_layer)}")
         if overlap[axis] < 0 or overlap[axis] >= subvolume[axis]:
             raise InputError(f"--overlap {overlap}: expected 0 <= overlap < subvolume in every axis")
+    # The segmentation layer covers the box segmented, not the whole image: every stage after it
+    # (pyramid, meshes, skeletons, evaluation) then works on complete chunks only. Its voxel
+    # offset places it in the image's frame; the box starts on the image's chunk grid, so both
+    # layers share one grid.
     spec = LayerSpec(
         layer_type="segmentation",
         dtype="uint64",
-        size=bounds.shape,
+        size=box.shape,
         resolution=tuple(float(r) for r in image.meta.resolution(0)),  # type: ignore[arg-type]
-        voxel_offset=bounds.start,
+        voxel_offset=box.start,
         chunk_size=chunk,  # type: ignore[arg-type]
     )
     out = layer_url(segmentation_layer)

@@ -49,8 +49,54 @@ class TrainTask(RegisteredTask):
         from dataclasses import replace
 
         config = replace(config, training=replace(config.training, progress=False))
-        result = train(config)
+        result = train(config, on_evaluation_checkpoint=evaluation_enqueuer(config))
         write_result(config.training.out_dir, result, self.name)
+
+
+class CheckpointEvalTask(RegisteredTask):
+    """Segment the run's evaluation boxes with one checkpoint and record VI / adapted Rand
+    error / unsegmented fraction (ffn.training.evaluation). Idempotent: a finished record is
+    kept, so a retried or duplicated task costs nothing."""
+
+    def __init__(self, run_dir: str, step: int, prefix: str | None = None):
+        super().__init__(run_dir, step, prefix)
+
+    def execute(self) -> None:
+        from exaconnect.ffn.training.evaluation import evaluate_checkpoint
+
+        evaluate_checkpoint(self.run_dir, int(self.step), self.prefix)
+
+
+def create_evaluation_tasks(run_dir: str, every_steps: int | None = None,
+                            steps: list[int] | None = None) -> list[CheckpointEvalTask]:
+    """One task per kept checkpoint of the run that has no evaluation record yet."""
+    from exaconnect.ffn.training.evaluation import list_checkpoints, pending_steps, run_config
+
+    config = run_config(run_dir)
+    if not config.evaluation.boxes:
+        raise InputError(f"{run_dir}/config.yaml: evaluation.boxes is empty; name the validation boxes to segment")
+    prefixes = list_checkpoints(run_dir)
+    return [CheckpointEvalTask(str(run_dir), step, prefixes[step])
+            for step in pending_steps(run_dir, every_steps, steps)]
+
+
+def evaluation_enqueuer(config):
+    """The training loop's callback: enqueue each evaluation checkpoint on evaluation.queue
+    (None when the config has no queue: the loop then evaluates in process)."""
+    root = config.evaluation.queue
+    if not root:
+        return None
+    from exaconnect.services.runner import service_queue
+
+    queue = service_queue(root, "train")
+
+    def enqueue_checkpoint(run_dir, step: int, prefix: str) -> None:
+        from exaconnect.services.queue import enqueue
+
+        enqueue(queue, [CheckpointEvalTask(str(run_dir), int(step), str(prefix))], total=1,
+                description="checkpoint evaluation")
+
+    return enqueue_checkpoint
 
 
 def create_sweep_tasks(sweep_path: str) -> list[TrainTask]:

@@ -1,30 +1,57 @@
-"""A worker: lease a task, run it, delete it; record failures; stop cleanly on SIGTERM.
+"""A worker: lease a task, run it, delete it; count every lease as an attempt; dead-letter what
+cannot succeed; keep leases alive from a separate process; stop cleanly on SIGTERM.
 
-Failed tasks are not released: the lease simply runs out and the task comes back, which spaces
-retries by the lease time (a crashed node behaves the same way). After `max_attempts` failures
-the task goes to the dead-letter record and is deleted.
+Attempts are counted per lease, not per exception: the lease itself bumps the attempt count in
+the task's file name (one rename, no extra file), so a worker that is OOM-killed, segfaults or
+calls `os._exit` mid-task has used up an attempt. A task leased for the `max_attempts + 1`-th
+time without ever having raised is buried with the reason "worker died while running it" (plus
+the signal, when a supervising parent saw it). A task that raises is recorded (traceback) and
+handed back after `retry_delay_seconds` (default: the lease time); at `max_attempts` it is buried.
+A payload that cannot be turned back into a task (unregistered class, wrong fields, not JSON)
+is buried at once with the reason.
+
+Leases are renewed by a small forked "lease keeper" process, not a thread, so a task that holds
+the GIL for minutes in a C call cannot starve it. The keeper renews by renaming our own lease file
+(`FileQueue.renew`); when that name is gone the lease is no longer ours (it ran out and another
+worker took the task), and the keeper tells the worker (SIGUSR1: the task is abandoned at the next
+Python bytecode) and, if the worker does not answer within `lost_lease_grace_seconds` because a C
+call holds the GIL, kills it, so the task never completes twice concurrently.
+
+Exit codes (worker and `--processes` supervisor alike; documented in docs/queue.md):
+0 all leased tasks done (or stopped by SIGTERM), 2 bad options or queue, 3 tasks were
+dead-lettered, 4 a worker process died (signal or crash) and was replaced, 5 both 3 and 4,
+6 workers kept dying and the restart limit was reached.
 """
 
 from __future__ import annotations
 
+import ctypes
+import faulthandler
+import importlib
+import json
 import logging
 import multiprocessing
+import os
 import signal
-import threading
+import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from exaconnect.errors import QueueError
+from exaconnect.services.file_queue import FileQueue, Lease
 from exaconnect.services.queue import FailureLedger, open_queue
 
 log = logging.getLogger("exaconnect.worker")
+
+MIN_LEASE_SECONDS = 10
+EXIT_OK, EXIT_USAGE, EXIT_DEAD_LETTERED, EXIT_WORKER_DIED, EXIT_BOTH, EXIT_GAVE_UP = 0, 2, 3, 4, 5, 6
+HEARTBEAT_SECONDS = 10.0
 
 
 def register_task_types(extra_modules: tuple[str, ...] = ()) -> None:
     """Import every module that defines tasks so that payloads can be turned back into tasks;
     `extra_modules` lets a lab run its own task classes on the same workers."""
-    import importlib
-
     import igneous.tasks  # noqa: F401  (downsample, mesh, skeleton task classes)
 
     from exaconnect.services import registry  # noqa: F401
@@ -42,9 +69,30 @@ class WorkerOptions:
     ledger_dir: str | None = None
     max_tasks: int | None = None
     task_modules: tuple[str, ...] = ()
+    heartbeat: str | None = None  # a file rewritten every 10 s while the worker lives (liveness probes)
+    create_queue: bool = False  # make an empty file queue instead of failing when there is none yet
+    retry_delay_seconds: float | None = None  # after a failure; None: the lease time
+    max_restarts: int = 100  # replacements of dead worker processes per supervisor
+    lost_lease_grace_seconds: float = 5.0
+    # Spawned worker processes log at this level: INFO for a worker's own log; WARNING when the
+    # stage runner drains a stage locally and shows its progress itself.
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lease_seconds, (int, float)) and self.lease_seconds >= MIN_LEASE_SECONDS):
+            raise QueueError(f"--lease-seconds {self.lease_seconds}: must be at least {MIN_LEASE_SECONDS} s "
+                             f"(leases are whole seconds and are renewed every third of the lease)")
+        if self.max_attempts < 1:
+            raise QueueError(f"--max-attempts {self.max_attempts}: must be at least 1")
+        if self.max_restarts < 0:
+            raise QueueError(f"--max-restarts {self.max_restarts}: must be 0 or more")
 
 
 class _StopRequested(Exception):
+    pass
+
+
+class _LeaseLost(Exception):
     pass
 
 
@@ -76,14 +124,12 @@ class TaskBoxes:
 
         self.root = Path(root) / "boxes"
 
-    def mark(self, task, state: str) -> None:
-        import json
-        import os
-
-        try:
-            box = task_box(task)
-        except Exception:
-            box = None
+    def mark(self, task, state: str, box: list[int] | None | str = "unknown") -> None:
+        if box == "unknown":
+            try:
+                box = task_box(task)
+            except Exception:
+                box = None
         if box is None:
             return
         self.root.mkdir(parents=True, exist_ok=True)
@@ -93,126 +139,465 @@ class TaskBoxes:
         os.replace(tmp, final)
 
 
+def write_heartbeat(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    for _ in range(2):
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{time.time():.0f}\n")
+            os.replace(tmp, path)
+            return
+        except FileNotFoundError:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError:
+                return
+        except OSError:
+            return  # a full or vanished volume must not kill the worker; the probe will notice
+
+
+# ---------------------------------------------------------------- the lease slot and its keeper
+
+class LeaseSlot:
+    """The lease a worker is running, in shared memory: the worker sets and takes it, its lease
+    keeper renews it, and a supervising parent reads it to name the task of a worker that died."""
+
+    IDLE, RUNNING, LOST = 0, 1, 2
+
+    def __init__(self, context=None) -> None:
+        context = context or _fork_context()
+        self.lock = context.Lock()
+        self._name = context.RawArray(ctypes.c_char, 2048)  # an SQS receipt handle is up to 1,024 bytes
+        self._task_id = context.RawArray(ctypes.c_char, 256)
+        self._shard = context.RawValue(ctypes.c_int, -1)
+        self._attempts = context.RawValue(ctypes.c_int, 0)
+        self._state = context.RawValue(ctypes.c_int, 0)
+        self._expires = context.RawValue(ctypes.c_double, 0.0)
+
+    def acquire(self) -> bool:
+        # A timeout, so that a keeper killed while holding the lock cannot hang the worker.
+        return self.lock.acquire(timeout=5.0)
+
+    def release(self) -> None:
+        self.lock.release()
+
+    @property
+    def state(self) -> int:
+        return self._state.value
+
+    @property
+    def task_id(self) -> str:
+        return self._task_id.value.decode()
+
+    @property
+    def expires(self) -> float:
+        return self._expires.value
+
+    def lease(self) -> Lease:
+        return Lease(self._shard.value, self._name.value.decode(), self.task_id, self._attempts.value, "")
+
+    def put(self, state: int, lease: Lease | None = None, expires: float = 0.0) -> None:
+        self._state.value = state
+        if lease is not None:
+            self._name.value = lease.name.encode()
+            self._task_id.value = lease.task_id.encode()
+            self._shard.value = lease.shard
+            self._attempts.value = lease.attempts
+            self._expires.value = expires
+
+
+def _fork_context():
+    try:
+        return multiprocessing.get_context("fork")
+    except ValueError:
+        return multiprocessing.get_context("spawn")
+
+
+def _say(message: str) -> None:
+    """Log from the keeper without touching logging's or sys.stderr's locks (it is a fork)."""
+    os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {os.getpid()} lease-keeper: {message}\n".encode())
+
+
+def _keeper_loop(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, worker_pid: int) -> None:
+    lease_seconds = int(options.lease_seconds)
+    renew_before = lease_seconds * 2 / 3  # renew when two thirds of the lease are left
+    last_beat = 0.0
+    lost_at = None
+    while True:
+        if os.getppid() != worker_pid:
+            return  # the worker is gone; its lease runs out by itself
+        now = time.time()
+        if options.heartbeat and now - last_beat >= HEARTBEAT_SECONDS:
+            write_heartbeat(options.heartbeat)
+            last_beat = now
+        notify = False
+        if slot.acquire():
+            try:
+                state = slot.state
+                if state != LeaseSlot.LOST:
+                    lost_at = None
+                if state == LeaseSlot.RUNNING and slot.expires - now <= renew_before:
+                    lease = slot.lease()
+                    task_id = lease.task_id
+                    renewed = queue.renew(lease, lease_seconds)
+                    if renewed is None:
+                        slot.put(LeaseSlot.LOST)
+                        lost_at, notify = now, True
+                    else:
+                        slot.put(LeaseSlot.RUNNING, renewed, now + lease_seconds)
+            finally:
+                slot.release()
+        if notify:
+            _say(f"lease of task {task_id} was lost (it ran out and another worker took the task); "
+                 f"abandoning it in worker {worker_pid}")
+            os.kill(worker_pid, signal.SIGUSR1)
+        elif lost_at is not None and now - lost_at > options.lost_lease_grace_seconds:
+            _say(f"worker {worker_pid} did not abandon task {task_id} within {options.lost_lease_grace_seconds:g} s "
+                 f"of losing its lease (a C call holds the GIL?); killing it")
+            os.kill(worker_pid, signal.SIGKILL)
+            return
+        time.sleep(0.5)
+
+
+def _start_keeper(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot) -> int:
+    worker_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the keeper
+        code = 0
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `with`/finally release the slot lock
+            if hasattr(queue, "after_fork"):
+                queue.after_fork()
+            _keeper_loop(queue, options, slot, worker_pid)
+        except SystemExit:
+            pass
+        except BaseException as exc:  # pragma: no cover - reported, and the worker restarts us
+            _say(f"failed: {exc!r}")
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _stop_keeper(pid: int | None) -> None:
+    if not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+# ---------------------------------------------------------------- the worker
+
 class Worker:
-    def __init__(self, queue: str, options: WorkerOptions) -> None:
+    def __init__(self, queue: str, options: WorkerOptions, slot: LeaseSlot | None = None) -> None:
         self.queue_spec = queue
         self.options = options
+        self.slot = slot
         self.stopping = False
         self.completed = 0
         self.failed = 0
+        self.dead_lettered = 0
+        self.abandoned = 0
         self._interruptible = False
+        self._builtins_registered = False
 
     def _on_sigterm(self, signum, frame) -> None:
         if self.stopping and self._interruptible:
             # A second SIGTERM: give the task back now rather than finishing it.
+            self._interruptible = False
             raise _StopRequested()
         self.stopping = True
         log.warning("SIGTERM: finishing the current task, then exiting (send again to release it now)")
 
-    def run(self) -> int:
-        from taskqueue import QueueEmptyError
+    def _on_lease_lost(self, signum, frame) -> None:
+        if self._interruptible:
+            self._interruptible = False
+            raise _LeaseLost()
 
-        register_task_types(self.options.task_modules)
-        tq = open_queue(self.queue_spec, create=False)
+    def run(self) -> int:
+        try:
+            faulthandler.enable()  # a segfault in a decoder leaves the Python stack in the log
+        except (OSError, ValueError, AttributeError):  # stderr without a file descriptor (captured in tests)
+            pass
+        for name in self.options.task_modules:
+            importlib.import_module(name)
+        queue = open_queue(self.queue_spec, create=self.options.create_queue)
+        if not isinstance(queue, FileQueue):
+            from exaconnect.services.sqs_queue import SQSQueue
+
+            queue = SQSQueue(queue)
         ledger = FailureLedger.for_queue(self.queue_spec, self.options.ledger_dir)
         self.boxes = TaskBoxes(ledger.root)
-        self._current = None
-        stopped = threading.Event()
-        if self.options.lease_seconds > 0:
-            threading.Thread(target=self._keep_leases, args=(tq, stopped), daemon=True).start()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        slot = self.slot or LeaseSlot()
+        if self.options.heartbeat:
+            write_heartbeat(self.options.heartbeat)
+        keeper = _start_keeper(queue, self.options, slot)
+        previous = {sig: signal.signal(sig, handler) for sig, handler in
+                    ((signal.SIGTERM, self._on_sigterm), (signal.SIGUSR1, self._on_lease_lost))}
+        idle = 0
         try:
             while not self.stopping:
-                if self.options.max_tasks is not None and self.completed + self.failed >= self.options.max_tasks:
+                if self.options.max_tasks is not None and self.completed + self.failed + self.dead_lettered + self.abandoned >= self.options.max_tasks:
                     break
-                try:
-                    task = tq.lease(seconds=self.options.lease_seconds)
-                except QueueEmptyError:
-                    if self.options.exit_when_empty and tq.is_empty():
+                keeper = self._check_keeper(keeper, queue, slot)
+                lease = queue.lease(int(self.options.lease_seconds))
+                if lease is None:
+                    if self.options.exit_when_empty and queue.is_empty():
                         break
-                    time.sleep(self.options.idle_poll_seconds)
+                    time.sleep(self._idle_sleep(idle))
+                    idle += 1
                     continue
-                self._run_one(tq, ledger, task)
+                idle = 0
+                self._run_one(queue, ledger, slot, lease)
         finally:
-            stopped.set()
-            signal.signal(signal.SIGTERM, previous)
-        log.info("worker done: %d completed, %d failed attempts", self.completed, self.failed)
-        return 0
+            _stop_keeper(keeper)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        log.info("worker done: %d completed, %d failed attempts, %d dead-lettered",
+                 self.completed, self.failed, self.dead_lettered)
+        return EXIT_DEAD_LETTERED if self.dead_lettered else EXIT_OK
 
-    def _keep_leases(self, tq, stopped: threading.Event) -> None:
-        """Renew the current task's lease at half its length, so a long FFN subvolume is not
-        handed to a second worker; if this process dies, renewals stop and the lease runs out.
-        One thread per worker, not per task: per-task threads cost ~10 ms each."""
-        interval = max(1.0, self.options.lease_seconds / 2)
-        while not stopped.wait(interval):
-            task = self._current
-            if task is None:
-                continue
-            try:
-                tq.renew(task, self.options.lease_seconds)
-            except Exception as exc:  # a missed renewal only risks a duplicate run, which is harmless
-                log.warning("could not renew lease of task %s: %s", task.id, exc)
+    def _idle_sleep(self, idle: int) -> float:
+        """Back off while the queue has nothing for us: each empty pass lists every shard, and
+        thousands of idle workers polling at a fixed short interval would be a metadata storm of
+        their own at the end of a batch. Doubling, capped at a quarter lease (at most 30 s), jittered."""
+        import random
 
-    def _run_one(self, tq, ledger: FailureLedger, task) -> None:
-        task_id = str(task.id)
-        name = type(task).__name__ if not hasattr(task, "key") else ".".join(task.key)
-        started = time.time()
-        self._interruptible = True
-        self.boxes.mark(task, "running")
-        self._current = task
+        base = self.options.idle_poll_seconds
+        cap = max(base, min(30.0, self.options.lease_seconds / 4))
+        return min(cap, base * 2 ** min(idle, 16)) * random.uniform(0.5, 1.0)
+
+    def _check_keeper(self, keeper: int, queue: FileQueue, slot: LeaseSlot) -> int:
         try:
-            task.execute()
-        except _StopRequested:
-            tq.cancel(task)
-            log.warning("released task %s (%s) on second SIGTERM", task_id, name)
-            self.stopping = True
-            return
+            done, status = os.waitpid(keeper, os.WNOHANG)
+        except ChildProcessError:
+            done, status = keeper, 0
+        if done == 0:
+            return keeper
+        log.error("lease keeper %d exited (status %d); starting a new one", keeper, status)
+        return _start_keeper(queue, self.options, slot)
+
+    def _build(self, lease: Lease):
+        """(task, payload) from the lease's text, registering our task modules on first need."""
+        from taskqueue.queueables import totask
+
+        body = json.loads(lease.text)
+        payload = body["payload"] if isinstance(body, dict) and "payload" in body else body
+        try:
+            return totask({"payload": json.loads(json.dumps(payload)), "id": lease.task_id}), payload
         except Exception:
-            self.failed += 1
-            error = traceback.format_exc()
-            attempts = ledger.record_failure(task_id, task.payload(), error)
-            log.error("task %s (%s) failed, attempt %d/%d:\n%s", task_id, name, attempts, self.options.max_attempts, error)
-            self.boxes.mark(task, "pending")
-            if attempts >= self.options.max_attempts:
-                path = ledger.bury(task_id, task.payload())
-                self.boxes.mark(task, "failed")
-                tq.delete(task)
-                log.error("task %s moved to dead letter %s after %d attempts", task_id, path, attempts)
+            if self._builtins_registered:
+                raise
+            self._builtins_registered = True
+            register_task_types()
+            return totask({"payload": json.loads(json.dumps(payload)), "id": lease.task_id}), payload
+
+    def _bury(self, queue: FileQueue, ledger: FailureLedger, lease: Lease, payload, reason: str, attempts: int) -> None:
+        path = ledger.bury(lease.task_id, payload, reason, attempts)
+        queue.delete(lease, tally=False)
+        self.dead_lettered += 1
+        log.error("task %s moved to dead letter %s: %s", lease.task_id, path, reason)
+
+    def _run_one(self, queue: FileQueue, ledger: FailureLedger, slot: LeaseSlot, lease: Lease) -> None:
+        task_id, max_attempts = lease.task_id, self.options.max_attempts
+        if lease.attempts > max_attempts:
+            # Every earlier lease ended without a result and without an exception: the worker died.
+            deaths = [f for f in ledger.errors(task_id) if f.get("kind") == "died"]
+            how = deaths[-1].get("signal", "") if deaths else ""
+            reason = "worker died while running it" + (f" ({how})" if how else "")
+            payload = _payload_or_text(lease.text)
+            self._bury(queue, ledger, lease, payload, f"{reason}; {max_attempts} leases used", lease.attempts - 1)
             return
+        try:
+            task, payload = self._build(lease)
+        except Exception as exc:
+            self._bury(queue, ledger, lease, _payload_or_text(lease.text),
+                       f"cannot rebuild the task: {type(exc).__name__}: {exc} (is its module imported with --task-module, "
+                       f"and is this worker the same version as the enqueuer?)", lease.attempts)
+            return
+        name = type(task).__name__ if not hasattr(task, "key") else ".".join(task.key)
+        try:
+            box = task_box(task)
+        except Exception:
+            box = None
+        if slot.acquire():
+            expires = lease.expires if lease.shard >= 0 else time.time() + self.options.lease_seconds
+            slot.put(LeaseSlot.RUNNING, lease, expires)
+            slot.release()
+        log.info("task %s (%s, box %s) started, attempt %d/%d", task_id, name, box, lease.attempts, max_attempts)
+        self.boxes.mark(task, "running", box)
+        started = time.time()
+        outcome, error = "done", ""
+        try:
+            self._interruptible = True
+            task.execute()
+            self._interruptible = False
+        except (_StopRequested, KeyboardInterrupt):
+            outcome = "released"
+        except _LeaseLost:
+            outcome = "lost"
+        except Exception:
+            self._interruptible = False
+            outcome, error = "failed", traceback.format_exc()
         finally:
             self._interruptible = False
-            self._current = None
-        self.boxes.mark(task, "done")
-        tq.delete(task, tally=True)
-        ledger.forget(task_id)
+            state, current = LeaseSlot.RUNNING, lease
+            if slot.acquire():
+                state, current = slot.state, slot.lease()
+                slot.put(LeaseSlot.IDLE)
+                slot.release()
+        lease = replace(lease, name=current.name or lease.name)
+        if state == LeaseSlot.LOST or outcome == "lost":
+            self.abandoned += 1
+            self.boxes.mark(task, "pending", box)
+            log.warning("task %s (%s) abandoned: its lease was lost to another worker (%s)", task_id, name,
+                        "it had finished; outputs are idempotent" if outcome == "done" else "stopped mid-task")
+            return
+        if outcome == "released":
+            queue.release(lease, 0, refund=True)
+            self.boxes.mark(task, "pending", box)
+            self.stopping = True
+            log.warning("released task %s (%s) on a second SIGTERM or Ctrl-C", task_id, name)
+            return
+        if outcome == "failed":
+            self.failed += 1
+            ledger.record_failure(task_id, payload, error, attempt=lease.attempts)
+            log.error("task %s (%s) failed, attempt %d/%d:\n%s", task_id, name, lease.attempts, max_attempts, error)
+            if lease.attempts >= max_attempts:
+                self.boxes.mark(task, "failed", box)
+                last = error.strip().splitlines()[-1] if error.strip() else "failed"
+                self._bury(queue, ledger, lease, payload, f"{last}; failed {lease.attempts} times", lease.attempts)
+            else:
+                self.boxes.mark(task, "pending", box)
+                delay = self.options.lease_seconds if self.options.retry_delay_seconds is None else self.options.retry_delay_seconds
+                queue.release(lease, int(delay))
+            return
+        self.boxes.mark(task, "done", box)
+        if not queue.delete(lease, tally=True):
+            log.warning("task %s (%s) finished but its lease had run out; deleted it anyway", task_id, name)
+        if lease.attempts > 1:
+            ledger.forget(task_id)  # only a retried task can have failure records
         self.completed += 1
         log.info("task %s (%s) done in %.2fs", task_id, name, time.time() - started)
 
 
-def _worker_process(queue: str, options: WorkerOptions) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
-    return Worker(queue, options).run()
+def _payload_or_text(text: str):
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text
+    return body.get("payload", body) if isinstance(body, dict) else body
+
+
+# ---------------------------------------------------------------- supervised processes
+
+def _worker_process(queue: str, options: WorkerOptions, slot: LeaseSlot) -> None:
+    logging.basicConfig(level=getattr(logging, options.log_level, logging.INFO),
+                        format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    try:
+        code = Worker(queue, options, slot).run()
+    except QueueError as exc:
+        log.error("%s", exc)
+        code = EXIT_USAGE
+    sys.exit(code)
+
+
+def _how(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return signal.Signals(-exitcode).name
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 def run_workers(queue: str, options: WorkerOptions, processes: int = 1) -> int:
-    """Run one worker here, or `processes` workers as separate processes (spawned, not forked,
-    because TensorFlow and thread pools do not survive fork)."""
-    if processes <= 1:
+    """Run one worker here, or `processes` supervised workers as separate processes (spawned, not
+    forked, because TensorFlow and thread pools do not survive fork). A worker process that dies
+    (a signal, or a crash) is logged with the signal and the task it was running, the task's
+    failure ledger gets the death, and the process is replaced, up to `options.max_restarts`
+    times. Returns an exit code (see the module docstring)."""
+    if processes < 1:
+        raise QueueError(f"--processes {processes}: must be at least 1")
+    if processes == 1:
         return Worker(queue, options).run()
+    from multiprocessing.connection import wait
+
+    open_queue(queue, create=options.create_queue)  # fail here, once, not in every child
+    ledger = FailureLedger.for_queue(queue, options.ledger_dir)
     context = multiprocessing.get_context("spawn")
-    children = [context.Process(target=_worker_process, args=(queue, options)) for _ in range(processes)]
-    for child in children:
+    children: dict = {}
+
+    def start() -> None:
+        slot = LeaseSlot(context)
+        child = context.Process(target=_worker_process, args=(queue, options, slot))
         child.start()
+        children[child.sentinel] = (child, slot)
+
+    for _ in range(processes):
+        start()
+    stopping = False
 
     def forward(signum, frame):
-        for child in children:
+        nonlocal stopping
+        stopping = True
+        for child, _ in list(children.values()):
             if child.is_alive():
-                child.terminate()
+                os.kill(child.pid, signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, forward)
+    restarts = died = 0
+    dead_lettered = gave_up = False
+    last_beat = 0.0
     try:
-        for child in children:
-            child.join()
+        while children:
+            if options.heartbeat and time.time() - last_beat >= HEARTBEAT_SECONDS:
+                write_heartbeat(options.heartbeat)
+                last_beat = time.time()
+            for sentinel in wait(list(children), timeout=1.0):
+                child, slot = children.pop(sentinel)
+                child.join()
+                code = child.exitcode
+                if code in (EXIT_OK, EXIT_DEAD_LETTERED):
+                    dead_lettered |= code == EXIT_DEAD_LETTERED
+                    continue
+                if code == EXIT_USAGE:
+                    log.error("worker %d stopped: bad options or queue (exit code 2)", child.pid)
+                    gave_up = True
+                    continue
+                died += 1
+                if slot.state == LeaseSlot.RUNNING and slot.task_id:
+                    task_id = slot.task_id
+                    ledger.record_death(task_id, _how(code), child.pid)
+                    log.error("worker %d died (%s) while running task %s", child.pid, _how(code), task_id)
+                else:
+                    log.error("worker %d died (%s) between tasks", child.pid, _how(code))
+                if stopping:
+                    continue
+                if restarts < options.max_restarts:
+                    restarts += 1
+                    log.warning("starting a replacement worker (restart %d of at most %d)", restarts, options.max_restarts)
+                    start()
+                else:
+                    gave_up = True
+                    log.error("restart limit %d reached; not replacing worker %d", options.max_restarts, child.pid)
+    except KeyboardInterrupt:
+        # Ctrl-C reached the children too; stop replacing them and wait for them to go.
+        stopping = True
+        for child, _ in list(children.values()):
+            child.join(30)
+            if child.is_alive():
+                child.terminate()
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return max((child.exitcode or 0) for child in children)
+    if gave_up:
+        return EXIT_GAVE_UP
+    if died:
+        return EXIT_BOTH if dead_lettered else EXIT_WORKER_DIED
+    return EXIT_DEAD_LETTERED if dead_lettered else EXIT_OK

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Sequence
@@ -172,7 +173,8 @@ def register(subparsers) -> None:
     p.add_argument("--retry-delay-seconds", type=float, default=None, help="wait before a failed task is retried (default: the lease)")
     p.add_argument("--max-restarts", type=int, default=100, help="replacements of dead worker processes (with --processes)")
     p.add_argument("--task-module", action="append", default=[], help="import this module's task classes too (repeatable)")
-    p.add_argument("--heartbeat", default=None, metavar="PATH", help="rewrite PATH at least every 30 s while alive (liveness probes)")
+    p.add_argument("--heartbeat", default=os.environ.get("EXACONNECT_HEARTBEAT") or None, metavar="PATH",
+                   help="rewrite PATH every 10 s while alive, for liveness probes (default: $EXACONNECT_HEARTBEAT)")
     p.add_argument("--create-queue", action="store_true", help="create an empty file queue if there is none yet")
     p.add_argument("--device", choices=["auto", "cpu", "gpu", "xpu"], default="auto",
                    help="gpu|xpu: refuse to start (exit 2) when that device is absent; tasks choose their own device")

@@ -10,21 +10,20 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from exaconnect.align.flow import grid_points
+from exaconnect.align.flow import dense_field, grid_points
 
 
 def region_map(mesh: np.ndarray, stride: int, region: tuple[int, int, int, int]) -> np.ndarray:
     """Source positions [h, w, 2] of output pixels y0:y1, x0:x1 (`region` = y0, y1, x0, x1).
-    The displacement is interpolated (constant beyond the grid), not the positions."""
+    The displacement is interpolated (constant beyond the grid), not the positions; separable
+    bilinear weights over only the mesh rows and columns the region touches."""
     y0, y1, x0, x1 = region
-    yy, xx = np.meshgrid(np.arange(y0, y1, dtype=np.float64), np.arange(x0, x1, dtype=np.float64), indexing="ij")
     gy, gx = mesh.shape[:2]
     identity = grid_points(((gy - 1) * stride + 1, (gx - 1) * stride + 1), stride)
-    disp = mesh - identity
-    coords = [yy / stride, xx / stride]
-    dy = ndimage.map_coordinates(disp[..., 0], coords, order=1, mode="nearest")
-    dx = ndimage.map_coordinates(disp[..., 1], coords, order=1, mode="nearest")
-    return np.stack([yy + dy, xx + dx], axis=-1)
+    disp = dense_field(mesh - identity, stride, (y1 - y0, x1 - x0), (y0, x0))
+    disp[..., 0] += np.arange(y0, y1, dtype=np.float64)[:, None]
+    disp[..., 1] += np.arange(x0, x1, dtype=np.float64)[None, :]
+    return disp
 
 
 def source_window(positions: np.ndarray, margin: int, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:

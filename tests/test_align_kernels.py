@@ -182,3 +182,114 @@ def test_render_translation_is_exact():
     assert not valid[-5:].any() and valid[:-5, 3:].all()
     positions = region_map(mesh, stride, (10, 20, 30, 40))
     assert np.allclose(positions[0, 0], (15.0, 27.0))
+
+
+# ---------------------------------------------------------------- second round: drift prior, tiles, configs
+
+def test_local_linear_smoother_reproduces_lines_at_the_ends():
+    from exaconnect.align.mesh import local_linear_weights
+
+    zs = np.arange(40, dtype=float)
+    weights = local_linear_weights(zs, zs, 6.0)
+    line = 3.0 - 0.7 * zs
+    assert np.allclose(weights @ line, line, atol=1e-9)
+    assert np.allclose(weights.sum(axis=1), 1.0)
+
+
+def test_drift_prior_removes_slow_motion_and_keeps_jumps():
+    from exaconnect.align.mesh import drift_window_for, remove_drift
+
+    stride = 10
+    identity = identity_mesh((101, 101), stride)
+    rng = np.random.default_rng(1)
+    n = 60
+    drift = np.cumsum(np.full((n, 2), 0.25) + rng.normal(0, 0.05, (n, 2)), axis=0)  # ~15 px over the stack
+    jumps = rng.uniform(-20, 20, (n, 2))  # a real misalignment: independent per section
+    meshes = {z: identity + drift[z] + jumps[z] for z in range(n)}
+    out = remove_drift(meshes, identity, list(range(n)), 32.0)
+    recovered = np.stack([out[z][5, 5] - identity[5, 5] for z in range(n)])
+    # Neighbour differences keep the jumps; the slow drift (0.25 px per section) is gone.
+    err = np.diff(recovered, axis=0) - np.diff(jumps, axis=0)
+    assert np.abs(err.mean(axis=0)).max() < 0.1 and np.sqrt((err**2).mean()) < 0.8
+    # An aligned stack with only drift comes out where it went in.
+    still = remove_drift({z: identity + drift[z] for z in range(n)}, identity, list(range(n)), 2.0)
+    assert max(np.abs(still[z] - identity).max() for z in range(n)) < 0.3
+    config = MeshConfig(stride=stride)
+    assert drift_window_for({z: identity + drift[z] for z in range(n)}, identity, list(range(n)), config) <= 2.0
+    assert drift_window_for(meshes, identity, list(range(n)), config) > 30  # ~11.5 px per axis / 0.25 px
+    assert drift_window_for(meshes, identity, list(range(n)), MeshConfig(stride=stride, drift_window=7.0)) == 7.0
+
+
+def test_config_validation_names_the_option_and_round_trips():
+    from exaconnect.align.match import AlignConfig
+
+    for bad, name in ((dict(drift_prior="spring"), "drift_prior"), (dict(drift_window=-1.0), "drift_window")):
+        with pytest.raises(InputError, match=name):
+            MeshConfig(**bad)
+    for bad, name in ((dict(taper=0.7), "taper"), (dict(highpass_sigma=-1.0), "highpass_sigma"),
+                      (dict(tile_size=100), "tile_size"), (dict(refine_iterations=0), "refine_iterations")):
+        with pytest.raises(InputError, match=name):
+            FlowConfig(**bad)
+    with pytest.raises(InputError, match="max_skip"):
+        AlignConfig(max_skip=0)
+    config = AlignConfig(flow=FlowConfig(patch_size=48, stride=12, highpass_sigma=4.0),
+                         mesh=MeshConfig(stride=12, drift_prior="none", drift_window=9.0))
+    assert AlignConfig.from_dict(config.as_dict()) == config
+    assert FlowConfig.from_dict(config.flow.as_dict()) == config.flow
+    assert MeshConfig.from_dict(config.mesh.as_dict()) == config.mesh
+
+
+def test_prepared_reference_transforms_are_reused():
+    from exaconnect.align.flow import prepare_section
+
+    a, b, c = texture(seed=7), fourier_shift(texture(seed=7), (0.4, -1.2)), fourier_shift(texture(seed=7), (2.0, 0.5))
+    ref = prepare_section(a, SMALL)
+    first = estimate_flow(ref, prepare_section(b, SMALL), (0, -1), SMALL)
+    cached = dict(ref.transforms)
+    assert len(cached) == 2  # the coarse and the fine pass
+    second = estimate_flow(ref, prepare_section(c, SMALL), (2, 0), SMALL)
+    assert all(ref.transforms[k] is v for k, v in cached.items())
+    assert np.median(np.linalg.norm(first.flow[first.valid] - (0.4, -1.2), axis=1)) < 0.05
+    assert np.median(np.linalg.norm(second.flow[second.valid] - (2.0, 0.5), axis=1)) < 0.05
+
+
+def test_tiled_flow_equals_whole_section_flow():
+    from exaconnect.align.flow import estimate_flow_tiled
+
+    size = 640
+    ref = texture((size, size), seed=8)
+    yy, xx = np.mgrid[:size, :size].astype(float)
+    dy = 6.0 + 2.5 * np.sin(2 * np.pi * xx / size)
+    dx = -4.0 + 2.0 * np.cos(2 * np.pi * yy / size)
+    mov = ndimage.map_coordinates(ref, [yy - dy, xx - dx], order=3, mode="constant").astype(np.float32)
+    config = FlowConfig(patch_size=48, stride=16, tile_size=256)
+    whole = estimate_flow(ref, mov, (6.0, -4.0), config)
+
+    def reader(image):
+        def read(y0, y1, x0, x1):
+            padded = np.pad(image, size)
+            return padded[y0 + size: y1 + size, x0 + size: x1 + size]
+        return read
+
+    tiled = estimate_flow_tiled(reader(ref), reader(mov), (size, size), (6.0, -4.0), config)
+    both = whole.valid & tiled.valid
+    assert both.mean() > 0.7 and abs(whole.valid_fraction - tiled.valid_fraction) < 0.05
+    assert np.median(np.linalg.norm(whole.flow - tiled.flow, axis=-1)[both]) < 0.02
+
+
+def test_dense_field_and_region_map_match_bilinear_interpolation():
+    from exaconnect.align.flow import dense_field
+
+    rng = np.random.default_rng(3)
+    grid = rng.normal(size=(7, 9, 2))
+    stride = 8
+    dense = dense_field(grid, stride, (50, 70))
+    yy, xx = np.mgrid[:50, :70] / stride
+    expected = np.stack([ndimage.map_coordinates(grid[..., c], [yy, xx], order=1, mode="nearest") for c in range(2)], -1)
+    assert np.allclose(dense, expected, atol=1e-9)
+    mesh = identity_mesh((49, 65), stride) + grid
+    positions = region_map(mesh, stride, (-5, 60, 3, 80))
+    yy, xx = np.mgrid[-5:60, 3:80].astype(float)
+    disp = np.stack([ndimage.map_coordinates(grid[..., c], [yy / stride, xx / stride], order=1, mode="nearest")
+                     for c in range(2)], -1)
+    assert np.allclose(positions, np.stack([yy, xx], -1) + disp, atol=1e-9)

@@ -41,17 +41,26 @@ def test_misalign_records_the_truth():
 
 
 def test_identity_stack_stays_put(fib25_image):
-    """An unperturbed stack comes out where it went in: what the aligner moves it by is the
-    apparent motion of oblique neurites (~0.25 px and ~0.1 degree per section in FIB-25),
-    which `linear` detrending keeps from accumulating into a shear."""
-    stack = fib25_image[100:116]
-    config = AlignConfig(flow=CONFIG.flow, mesh=MeshConfig(stride=16, block_size=8, block_overlap=3, detrend="linear"))
-    meshes, matches = align_in_memory(stack, config)
+    """An unperturbed stack comes out where it went in. Matching sees the apparent motion of
+    oblique neurites (~0.25 px and ~0.1 degree per section in FIB-25); chained, it bends the
+    stack, which the drift prior (on by default, its window chosen from the stack) removes."""
+    from dataclasses import replace
+
+    from exaconnect.align.match import finalize_meshes, solve_in_memory
+
+    stack = fib25_image[100:124]
+    config = AlignConfig(flow=CONFIG.flow, mesh=MeshConfig(stride=16, block_size=12, block_overlap=3))
+    blocks, statuses, matches = solve_in_memory(stack, config)
     assert all(m.status in ("ok", "first") for m in matches.values())
     identity = grid_points(stack.shape[1:], 16)
-    displacement = np.stack([np.linalg.norm(meshes[z] - identity, axis=-1) for z in range(len(stack))])
-    assert np.sqrt(np.mean(displacement**2)) < 1.0
-    assert displacement.max() < 3.0
+
+    def displacement(mesh_config):
+        meshes = finalize_meshes(blocks, stack.shape[1:], statuses, mesh_config)
+        return np.stack([np.linalg.norm(meshes[z] - identity, axis=-1) for z in range(len(stack))])
+
+    on, off = displacement(config.mesh), displacement(replace(config.mesh, drift_prior="none"))
+    assert np.median(on) < 0.5 and np.percentile(on, 95) < 2.0, (np.median(on), np.percentile(on, 95))
+    assert np.median(off) > 2 * np.median(on)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +108,10 @@ def test_alignment_recovers_neighbour_geometry(aligned):
     root, original, misaligned, truth, src, dest, seconds, report = aligned
     meshes, stride = load_meshes(dest)
     pair = neighbor_end_point_error(meshes, stride, truth, _good(truth), original.shape[1:])
-    # The floor is the apparent motion of oblique neurites between real neighbouring sections
-    # (~0.45 px for the unperturbed stack), which the aligner follows like any image matcher.
-    assert pair.median < 1.0 and pair.p95 < 3.0, pair.as_dict()
+    # The issue's acceptance is median 0.5, RMS 1, P95 2 px over the whole cube (bench/bench_align.py:
+    # 0.45 / 0.78 / 1.5). These first 30 sections, with a fold as well, show more apparent motion
+    # of oblique neurites (0.62 median here).
+    assert pair.median < 0.7 and pair.rms < 1.0 and pair.p95 < 2.0, pair.as_dict()
     # Stack-wide, that motion accumulates along z (see bench/bench_align.py); over 30 sections
     # it stays within a few pixels.
     stack_wide = end_point_error(meshes, stride, truth, _good(truth), original.shape[1:])
@@ -141,27 +151,24 @@ def test_render_is_idempotent_and_report_written(aligned):
 
 def test_cli_enqueue_and_report(aligned, tmp_path, capsys):
     root, original, misaligned, truth, src, dest, seconds, report = aligned
-    from exaconnect.services.align_cli import add_cli
+    from exaconnect.cli import main
     from exaconnect.services.queue import queue_status
 
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["align", "enqueue", src, str(tmp_path / "other"), "--queue", str(tmp_path / "q"),
-                              "--patch-size", "64", "--stride", "16", "--mesh-stride", "16"])
-    assert args.func(args) == 0
-    assert queue_status(str(tmp_path / "q")).enqueued == 2  # 30 sections, 16 per chunk-deep task
+    assert main(["align", "enqueue", src, str(tmp_path / "other"), "--queue", str(tmp_path / "q"),
+                 "--set", "flow.patch_size=64", "--set", "flow.stride=16", "--set", "mesh.stride=16"]) == 0
+    assert queue_status(str(tmp_path / "q" / "align")).enqueued == 2  # 30 sections, 16 per chunk-deep task
     stored = json.loads(get_file(str(tmp_path / "other"), "align/config.json"))
     assert stored["flow"]["patch_size"] == 64 and stored["mesh"]["stride"] == 16
-    args = parser.parse_args(["align", "report", src, dest])
-    assert args.func(args) == 0
+    capsys.readouterr()
+    assert main(["align", "report", src, dest]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sections"] == SECTIONS
     # Without options the configuration is scaled to the 250 px sections, not SOFIMA's 160 px patches.
-    args = parser.parse_args(["align", "enqueue", src, str(tmp_path / "third"), "--queue", str(tmp_path / "q3")])
-    assert args.func(args) == 0
+    assert main(["align", "enqueue", src, str(tmp_path / "third"), "--queue", str(tmp_path / "q3")]) == 0
     assert json.loads(get_file(str(tmp_path / "third"), "align/config.json"))["flow"]["patch_size"] == 56
-    bad = parser.parse_args(["align", "enqueue", src, str(tmp_path / "x"), "--queue", str(tmp_path / "q4"), "--stride", "80"])
-    with pytest.raises(InputError):
-        bad.func(bad)
+    # A mistyped option is named; nothing is enqueued.
+    assert main(["align", "enqueue", src, str(tmp_path / "x"), "--queue", str(tmp_path / "q4"), "--set", "flow.strid=8"]) == 2
+    assert "flow.strid" in capsys.readouterr().err
+    assert not (tmp_path / "q4" / "align").exists()
 
 
 def test_config_for_shape():
@@ -183,3 +190,37 @@ def test_demo_sample_alignment():
     pair = neighbor_end_point_error(meshes, config.mesh.stride, truth, list(range(len(image))), image.shape[1:],
                                     sample_step=3, margin=8)
     assert pair.median < 0.6 and pair.p95 < 1.5
+
+
+def test_flow_task_matches_big_sections_in_tiles(tmp_path):
+    """Sections wider than flow.tile_size are matched tile by tile from windows read off the
+    layer (what a 50,000 px section needs); the fields agree with matching them whole."""
+    from scipy import ndimage
+
+    from exaconnect.align.match import match_section
+    from exaconnect.services.align import create_align_flow_tasks, load_section_flow, load_section_report
+
+    rng = np.random.default_rng(4)
+    size = 576
+    base = ndimage.gaussian_filter(rng.normal(size=(size + 40, size + 40)), 1.5)
+    base = np.clip(128 + 35 * base / base.std(), 1, 255)
+    yy, xx = np.mgrid[:size, :size].astype(float)
+    sections = []
+    for z, (sy, sx) in enumerate([(0.0, 0.0), (3.4, -2.2), (5.1, 1.7)]):
+        wobble = 1.5 * np.sin(2 * np.pi * (xx + 50 * z) / size)
+        sections.append(ndimage.map_coordinates(base, [yy + 20 + sy + wobble, xx + 20 + sx], order=3))
+    stack = np.clip(np.rint(sections), 1, 255).astype(np.uint8)
+    np.save(tmp_path / "big.npy", stack)
+    src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
+    ingest_now(str(tmp_path / "big.npy"), src, IngestOptions("image", (10, 10, 10), chunk_size=(128, 128, 3)), progress=False)
+    config = AlignConfig(flow=FlowConfig(patch_size=48, stride=16, tile_size=256), mesh=MeshConfig(stride=16))
+    (task,) = create_align_flow_tasks(src, dest, config)
+    task.execute()
+    whole = AlignConfig(flow=FlowConfig(patch_size=48, stride=16, tile_size=0), mesh=MeshConfig(stride=16))
+    for z in (1, 2):
+        assert load_section_report(dest, z)["status"] == "ok"
+        tiled = load_section_flow(dest, z)
+        reference = match_section({k: stack[k] for k in range(3)}, z, whole).field
+        both = tiled.valid & reference.valid
+        assert both.mean() > 0.7
+        assert np.median(np.linalg.norm(tiled.flow - reference.flow, axis=-1)[both]) < 0.05

@@ -27,7 +27,7 @@ from taskqueue import RegisteredTask
 from exaconnect.errors import InputError, LayerError
 from exaconnect.precomputed.bbox import Box, chunk_grid
 from exaconnect.precomputed.store import ArtifactStore
-from exaconnect.precomputed.verify import record_checksums
+from exaconnect.precomputed.verify import record_checksums, require_complete
 from exaconnect.precomputed.layers import (LayerSpec, Provenance, create_layer, layer_bounds, layer_url, local_path,
                                            open_layer, read_box, write_box)
 from exaconnect.align.match import AlignConfig, finalize_meshes, match_section
@@ -108,7 +108,7 @@ class AlignFlowTask(RegisteredTask):
 
     def execute(self) -> None:
         config = load_config(self.dest)
-        vol = open_layer(self.src, fill_missing=True)
+        vol = open_layer(self.src)
         bounds = layer_bounds(vol)
         first = max(0, int(self.z_start) - config.max_skip)
         width, height, _ = bounds.shape
@@ -192,6 +192,9 @@ def create_align_flow_tasks(src: str, dest: str, config: AlignConfig = AlignConf
     if src_url == dest_url:
         raise InputError(f"align: source and destination are the same layer {src_url}; expected a new layer")
     vol = open_layer(src_url, layer_type="image")
+    # A missing chunk would read as a blank patch of a section: refuse it before anything is
+    # written (a section that is really blank is stored, and is reported and bridged).
+    require_complete(src_url, 0, None, "align")
     spec = _destination_spec(vol)
     create_layer(dest_url, spec, Provenance("align", config.as_dict(), [src_url]))
     put_file(dest_url, f"{ALIGN_DIR}/config.json", json.dumps(config.as_dict(), indent=1).encode())
@@ -317,12 +320,13 @@ class AlignRenderTask(RegisteredTask):
         super().__init__(src, dest, box)
 
     def execute(self) -> None:
-        src_vol = open_layer(self.src, fill_missing=True)
+        src_vol = open_layer(self.src)
         dest_vol = open_layer(self.dest)
         meshes, stride = load_meshes(self.dest)
         box = Box.from_list(self.box)
         write_box(dest_vol, box, render_box(src_vol, meshes, stride, layer_bounds(src_vol), box,
                                             inverted=load_inverted(self.dest)))
+        record_checksums(dest_vol, box)
 
 
 def create_align_render_tasks(src: str, dest: str, task_shape: tuple[int, int, int] | None = None) -> list[AlignRenderTask]:
@@ -447,7 +451,7 @@ def align_report(src: str, dest: str, out_png: str | None = None, crop: int = 51
     from exaconnect.align.quality import neighbor_correlations, report_figure, residual_flow
 
     config = load_config(dest)
-    src_vol, dest_vol = open_layer(src, fill_missing=True), open_layer(dest, fill_missing=True)
+    src_vol, dest_vol = open_layer(src), open_layer(dest)
     bounds = layer_bounds(dest_vol)
     width, height, depth = bounds.shape
     cy0, cx0 = max(0, (height - crop) // 2), max(0, (width - crop) // 2)

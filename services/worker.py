@@ -324,6 +324,11 @@ class Worker:
             faulthandler.enable()  # a segfault in a decoder leaves the Python stack in the log
         except (OSError, ValueError, AttributeError):  # stderr without a file descriptor (captured in tests)
             pass
+        # Every chunk this worker's tasks decode is checked before a C decoder sees it, whichever
+        # task classes are loaded (and however early): a garbled chunk fails its task by name.
+        from exaconnect.precomputed.chunks import install_chunk_guard
+
+        install_chunk_guard()
         for name in self.options.task_modules:
             importlib.import_module(name)
         queue = open_queue(self.queue_spec, create=self.options.create_queue)

@@ -19,7 +19,8 @@ def _wrap(cls) -> None:
         log = os.environ.get("EXACONNECT_FAULT_LOG")
         if log:
             with open(log, "a") as f:
-                f.write(f"{type(self).__name__} {getattr(self, 'index', getattr(self, 'offset', ''))} {os.getpid()}\n")
+                where = str(getattr(self, "index", getattr(self, "offset", ""))).replace(" ", "")
+                f.write(f"{type(self).__name__} {where} {os.getpid()}\n")
         slow = float(os.environ.get("EXACONNECT_FAULT_SLOW_SECONDS", "0") or 0)
         if slow:
             time.sleep(slow)

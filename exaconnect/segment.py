@@ -1,6 +1,6 @@
-"""`exaconnect segment`: FFN inference on one box of an image layer, written into a segmentation
-layer with the image's geometry. Interactive use; the queue service for whole volumes is
-`services/segment`."""
+"""`exaconnect segment box`: FFN inference on one box of an image layer, written into a
+segmentation layer with the image's geometry. Interactive use; the queue service for whole
+volumes is `services/segment` (`exaconnect segment run`)."""
 
 from __future__ import annotations
 
@@ -23,19 +23,6 @@ from exaconnect.precomputed.layers import (
     write_box,
 )
 from exaconnect.precomputed.verify import record_checksums
-
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """`--option key=value` pairs; values are YAML scalars or lists (e.g. min_boundary_dist=[1,1,1])."""
-    import yaml
-
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"--option {pair!r}: expected KEY=VALUE, e.g. segment_threshold=0.6")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
 
 
 def output_spec(image_vol, dtype: str = "uint64", layer_type: str = "segmentation") -> LayerSpec:
@@ -103,27 +90,3 @@ def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None =
     if counters_path:
         Path(counters_path).write_text(json.dumps(summary, indent=1, default=str))
     return summary
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("segment", help="FFN inference on one box (no queue), labels into OUT_LAYER")
-    p.add_argument("image_layer")
-    p.add_argument("out_layer")
-    p.add_argument("--model", required=True, help="exaconnect checkpoint dir or reference TF1 checkpoint prefix")
-    p.add_argument("--bbox", default=None, help="x0,y0,z0,x1,y1,z1 in mip-0 voxels (default: the whole layer)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="inference option override, e.g. segment_threshold=0.6 (repeatable)")
-    p.add_argument("--device", default="auto", help="auto|cpu|gpu|xpu")
-    p.add_argument("--probabilities", default=None, help="also write the quantized object probability map here")
-    p.add_argument("--counters", default=None, help="write counters JSON here")
-    p.add_argument("--fill-unsegmented", action="store_true",
-                   help="hand voxels the FFN left unsegmented to the neighbouring objects (a dense output)")
-    p.set_defaults(func=_cmd_segment)
-
-
-def _cmd_segment(args) -> int:
-    summary = segment_box(args.image_layer, args.out_layer, args.model, Box.parse(args.bbox) if args.bbox else None,
-                          parse_options(args.option), args.device, args.probabilities, args.counters,
-                          fill=args.fill_unsegmented)
-    print(json.dumps(summary, default=str))
-    return 0

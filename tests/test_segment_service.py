@@ -10,7 +10,7 @@ import pytest
 from exaconnect.errors import LayerError
 from exaconnect.precomputed.bbox import Box
 from exaconnect.precomputed.evaluate import segmentation_metrics
-from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, open_layer, read_box, write_box
+from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, layer_bounds, open_layer, read_box, write_box
 from exaconnect.precomputed.stitching import MatchOptions, pack_ids
 from exaconnect.precomputed.synthetic import SyntheticSpec, synthetic_volume
 from exaconnect.services.segment_staging import (
@@ -163,8 +163,10 @@ def test_cli_stages_in_order(sample, tiny_model, capsys):
             assert "enqueued 4 segment.initial tasks" in capsys.readouterr().out
         assert main(["queue", "work", f"{queue}/segment", "--exit-when-empty"]) == 0
     assert main(["queue", "status", f"{queue}/segment"]) == 0
-    seg = read_box(open_layer(out, fill_missing=True), Box((0, 0, 0), (48, 48, 48)))
-    assert seg.any() and not seg[24:].any()  # only the --bbox half was written
+    # The layer covers the --bbox (the lower half in z) and is complete.
+    vol = open_layer(out)
+    assert layer_bounds(vol) == Box((0, 0, 0), (48, 48, 24))
+    assert read_box(vol, layer_bounds(vol)).any()
     assert main(["segment", "enqueue", *common[:5], "20,24,24", *common[6:]]) == 2
     assert "--subvolume" in capsys.readouterr().err
 

@@ -169,7 +169,7 @@ def task_totals(config) -> dict:
         left += status.enqueued
         for record in FailureLedger.for_queue(queue).dead_records():
             failures = record.get("failures") or [{}]
-            reasons.append(str(failures[-1].get("error", "")).strip().splitlines()[-1][:160])
+            reasons.append(str(failures[-1].get("error", "")).strip().splitlines()[-1][:500])
     return {"completed": completed, "dead_lettered": dead, "left": left, "reasons": reasons}
 
 

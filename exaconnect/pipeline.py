@@ -243,7 +243,10 @@ def _demo_model_stage(config: PipelineConfig, output: str, stages: list) -> tupl
         raise InputError("segment.model demo: the demo model is trained into a local output folder")
     out_dir = os.path.join(root, "ffn")
     # A fixed number of steps and no time limit: every machine trains the same model.
-    data = demo_config(out_dir, seed=config.source.synthetic_seed, max_steps=config.segment.demo_model_steps)
+    from exaconnect.ffn.training.demo import DEMO_STEPS
+
+    steps = config.segment.demo_model_steps or DEMO_STEPS
+    data = demo_config(out_dir, seed=config.source.synthetic_seed, max_steps=steps)
     stages.append(Stage("train.demo-model", "train", lambda: [TrainTask(json.dumps(data), "demo-model")], (),
                         writes=(out_dir,), parameters={"config": data}, lease_seconds=3600,
                         description="the small demo FFN, a fixed number of steps"))

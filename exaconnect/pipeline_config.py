@@ -86,7 +86,7 @@ class SegmentConfig:
     passes: tuple[PassConfig, ...] = (PassConfig(),)
     min_overlap_voxels: int = 100
     min_fraction: float = 0.5
-    demo_model_steps: int = 1500
+    demo_model_steps: int | None = None  # None: the demo's own fixed number (ffn/training/demo.py DEMO_STEPS)
 
 
 @dataclass(frozen=True)

@@ -59,14 +59,17 @@ def volumes(image: str, labels: str) -> tuple[dict, dict]:
 
 
 def train_small(work: Path, image: str, labels: str, minutes: float, strategy: str, logical_cpus: int,
-                fov_policy: str = "max_pred", run_dir: str = "small", learning_rate: float = 0.001):
+                fov_policy: str = "max_pred", run_dir: str = "small", learning_rate: float = 0.001,
+                overrides: dict | None = None):
     from exaconnect.ffn.checkpoint import save_network
     from exaconnect.ffn.model import ConvStack3D
     from exaconnect.ffn.training.config import train_config_from_dict
     from exaconnect.ffn.training.loop import _export_config, glorot_init, train
 
+    from exaconnect.ffn.training.config import merge_overrides
+
     train_vol, held_vol = volumes(image, labels)
-    config = train_config_from_dict({
+    config = train_config_from_dict(merge_overrides({
         "model": SMALL_MODEL,
         "data": {"volumes": [train_vol], "validation_volumes": [held_vol], "cache_dir": str(work / "partitions")},
         "optimizer": {"name": "adam", "learning_rate": learning_rate},
@@ -76,7 +79,7 @@ def train_small(work: Path, image: str, labels: str, minutes: float, strategy: s
                      "checkpoint_every_seconds": 120, "strategy": strategy, "logical_cpus": logical_cpus,
                      "progress": False},
         "inference": {"min_segment_size": 1000},
-    }, "small FIB-25 model")
+    }, overrides or {}), "small FIB-25 model")
     untrained = work / "untrained"
     if not (untrained / "ffn_config.json").is_file():
         model = ConvStack3D(config.model, seed=config.training.seed)
@@ -226,6 +229,19 @@ def segment(model_path: str, image: np.ndarray) -> tuple[np.ndarray, dict]:
                            "seconds": round(result.counters["time-total-s"], 1)}
 
 
+def parse_sets(items: list[str]) -> dict:
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/fib25-train")
@@ -243,11 +259,19 @@ def main() -> int:
                         help="Adam learning rate of the small model (a resumed run takes this one)")
     parser.add_argument("--fov-policy", default="max_pred", choices=("fixed", "max_pred"),
                         help="FOV movement while training the small model")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override an option of the small model's training config (YAML value), repeatable")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not FIB25.is_dir() or not Path(str(CHECKPOINT) + ".index").is_file():
         print(json.dumps({"skipped": f"FIB-25 data or checkpoint absent under {SHARED}"}))
         return 0
+    sets = parse_sets(args.sets)
+    threads = sets.get("training", {})
+    if threads.get("intra_op_threads") or threads.get("inter_op_threads"):
+        from exaconnect.ffn.training.loop import set_tf_threads
+
+        set_tf_threads(threads.get("intra_op_threads", 0), threads.get("inter_op_threads", 0))  # before any TF op
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -256,7 +280,8 @@ def main() -> int:
     if "small" not in skip:
         t0 = time.time()
         result, untrained = train_small(work, image, labels, args.minutes, args.strategy, args.logical_cpus,
-                                        args.fov_policy, args.small_dir, args.learning_rate)
+                                        args.fov_policy, args.small_dir, args.learning_rate,
+                                        sets)
         report["small_training"] = {"steps": result.step, "minutes": round((time.time() - t0) / 60, 2),
                                     "examples_per_second": round(result.examples_per_second, 2),
                                     "last_loss": round(result.last_loss, 4), "validation": result.validation}

@@ -45,10 +45,8 @@ class TrainTask(RegisteredTask):
         from exaconnect.ffn.training.sweep import write_result
 
         config = train_config_from_dict(json.loads(self.config_json), f"train task {self.name}")
-        # Workers have no terminal; their progress is in metrics.jsonl and TensorBoard.
-        from dataclasses import replace
-
-        config = replace(config, training=replace(config.training, progress=False))
+        # Workers have no terminal: with training.progress the loop prints one line per
+        # progress_every_steps (rate, time left) instead of a bar; metrics.jsonl has the rest.
         result = train(config, on_evaluation_checkpoint=evaluation_enqueuer(config))
         write_result(config.training.out_dir, result, self.name)
 

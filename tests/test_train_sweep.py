@@ -81,17 +81,18 @@ def test_sweep_tasks_run_on_a_real_queue_and_are_ranked(tmp_path):
 
 
 def test_train_cli_parses_config_and_overrides(tmp_path, capsys):
-    from exaconnect.ffn.train_cli import add_cli
+    from exaconnect.cli.train import register
 
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(BASE))
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers())
-    args = parser.parse_args(["train", "--config", str(tmp_path / "train.yaml"), "--set", "training.max_steps=42",
-                              "--set", "optimizer.name=adam", "--print-config"])
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "run", "--config", str(tmp_path / "train.yaml"),
+                              "--set", "training.max_steps=42", "--set", "optimizer.name=adam", "--print-config"])
     assert args.func(args) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["training"]["max_steps"] == 42 and printed["optimizer"]["name"] == "adam"
-    args = parser.parse_args(["train", "--config", str(tmp_path / "train.yaml"), "--set", "training.batch=3"])
+    args = parser.parse_args(["train", "run", "--config", str(tmp_path / "train.yaml"),
+                              "--set", "training.batch=3"])
     with pytest.raises(InputError, match="batch"):
         args.func(args)
 

@@ -216,7 +216,18 @@ class TrainingConfig:
     checkpoint_every_steps: int = 500
     # A node killed loses at most this much work.
     checkpoint_every_seconds: float = 300.0
+    # How many of the latest checkpoints train_state/ keeps; 0 keeps every one (for
+    # evaluating each checkpoint after the run). Milestone checkpoints below are always kept.
     keep_checkpoints: int = 3
+    # Extra checkpoints at these exact steps (e.g. to compare with another trainer at equal steps).
+    checkpoint_at_steps: tuple[int, ...] = ()
+    # Extra checkpoints once the process has used this much CPU time (minutes; user + system of
+    # all threads), e.g. "20 minutes of one core" on a machine shared with other work.
+    checkpoint_at_cpu_minutes: tuple[float, ...] = ()
+    # TensorFlow thread pools (0 = TensorFlow's default, all cores); 1 and 1 = one core.
+    # Applied before TensorFlow runs its first op; ignored with a warning after that.
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
     summary_every_steps: int = 20
     validation_every_steps: int = 200
     validation_examples: int = 16
@@ -227,15 +238,27 @@ class TrainingConfig:
     # Logical CPU devices to split the CPU into (for 'mirrored' on a CPU-only node); 0 = off.
     logical_cpus: int = 0
     device: str = "auto"
+    # A tqdm bar (rate, ETA) on a terminal; elsewhere (logs, workers) one line per
+    # `progress_every_steps` (0 = about every 5 % of max_steps).
     progress: bool = True
+    progress_every_steps: int = 0
+    # Same seeds and TensorFlow op determinism: the same model from the same config on the same
+    # machine (the demo model). Slower on GPUs; on CPUs it costs little.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         s = "training"
         for name, low in (("batch_size", 1), ("max_steps", 1), ("fov_moves", 0), ("checkpoint_every_steps", 1),
-                          ("keep_checkpoints", 1), ("summary_every_steps", 1), ("validation_every_steps", 1),
+                          ("keep_checkpoints", 0), ("intra_op_threads", 0), ("inter_op_threads", 0), ("progress_every_steps", 0), ("summary_every_steps", 1), ("validation_every_steps", 1),
                           ("validation_examples", 0), ("logical_cpus", 0), ("seed", 0)):
             _number(s, name, getattr(self, name), low=low, integer=True)
         _number(s, "max_minutes", self.max_minutes, low=0.0)
+        for name, integer in (("checkpoint_at_steps", True), ("checkpoint_at_cpu_minutes", False)):
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)):
+                raise InputError(f"{s}.{name}={values!r}: expected a list of numbers")
+            object.__setattr__(self, name, tuple(sorted(
+                _number(s, name, v, low=0, low_open=True, integer=integer) for v in values)))
         _number(s, "checkpoint_every_seconds", self.checkpoint_every_seconds, low=0, low_open=True)
         for name in ("move_threshold", "init_activation", "seed_pad"):
             _number(s, name, getattr(self, name), low=0.0, high=1.0, low_open=True)
@@ -250,6 +273,59 @@ class TrainingConfig:
             raise InputError(f"{s}.device={self.device!r}: expected one of {DEVICES}")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise InputError(f"{s}.out_dir: expected a directory path")
+        for name in ("progress", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{s}.{name}={getattr(self, name)!r}: expected true or false")
+
+
+EVAL_METRICS = ("adapted_rand_error", "vi", "vi_merge", "vi_split")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Checkpoint evaluation by segmentation quality (what a user's inference will produce).
+
+    Each evaluation point segments every box of `boxes` (layers or stacks, like
+    data.volumes; the bbox may lie anywhere, off the origin and the chunk grid) with the run's
+    inference options (the `inference` section, updated by `inference` here) and records VI
+    (split, merge), adapted Rand error and the unsegmented fraction against the labels;
+    unsegmented voxels count as one segment. `exaconnect train summary` plots the curves and
+    exports the best checkpoint by `metric` (lower is better) as the run's model.
+    """
+
+    boxes: tuple[VolumeSource, ...] = ()
+    # Every this many steps a weights checkpoint is kept (never deleted) and evaluated; 0 = off.
+    every_steps: int = 0
+    # Queue root for the evaluation tasks (they go to ROOT/train, as `--queue ROOT` does; drain
+    # with `exaconnect queue work ROOT/train`); none = evaluate in the training process
+    # (training pauses; the pause counts neither in throughput nor in max_minutes).
+    queue: str | None = None
+    metric: str = "adapted_rand_error"
+    # Inference option overrides for evaluation only (e.g. {min_segment_size: 100}).
+    inference: dict = field(default_factory=dict)
+    # Hand unsegmented voxels to neighbouring objects before scoring (ffn.fill), as
+    # `exaconnect segment --fill-unsegmented` would.
+    fill_unsegmented: bool = False
+    fill_sigma: float = 1.0
+
+    def __post_init__(self) -> None:
+        _number("evaluation", "every_steps", self.every_steps, low=0, integer=True)
+        _number("evaluation", "fill_sigma", self.fill_sigma, low=0, low_open=True)
+        if self.metric not in EVAL_METRICS:
+            raise InputError(f"evaluation.metric={self.metric!r}: expected one of {EVAL_METRICS}")
+        if self.queue is not None and (not isinstance(self.queue, str) or not self.queue):
+            raise InputError(f"evaluation.queue={self.queue!r}: expected a queue root such as queues or fq://queues")
+        if not isinstance(self.inference, Mapping):
+            raise InputError(f"evaluation.inference={self.inference!r}: expected a mapping of inference options")
+        if not isinstance(self.fill_unsegmented, bool):
+            raise InputError(f"evaluation.fill_unsegmented={self.fill_unsegmented!r}: expected true or false")
+        if self.every_steps and not self.boxes:
+            raise InputError("evaluation.every_steps is set but evaluation.boxes is empty: name at least one "
+                             "box (name, image, labels, bbox)")
+        names = [b.name for b in self.boxes]
+        if len(set(names)) != len(names):
+            raise InputError(f"evaluation.boxes: names must be unique, got {names}")
+        object.__setattr__(self, "inference", dict(self.inference))
 
 
 @dataclass(frozen=True)
@@ -262,6 +338,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     # Inference options stored beside the exported model (normalization is taken from data).
     inference: InferenceOptions = field(default_factory=InferenceOptions)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         if not self.data.volumes:
@@ -313,7 +390,7 @@ def _volumes(items: Any, section: str) -> tuple[VolumeSource, ...]:
 
 
 def train_config_from_dict(data: Mapping[str, Any], source: str = "train config") -> TrainConfig:
-    sections = ("model", "data", "augment", "optimizer", "training", "inference")
+    sections = ("model", "data", "augment", "optimizer", "training", "inference", "evaluation")
     if not isinstance(data, Mapping):
         raise InputError(f"{source}: expected a mapping with sections {sections}")
     unknown = sorted(set(data) - set(sections))
@@ -338,7 +415,25 @@ def train_config_from_dict(data: Mapping[str, Any], source: str = "train config"
         optimizer=_section(OptimizerConfig, data.get("optimizer"), "optimizer"),
         training=_section(TrainingConfig, data.get("training"), "training"),
         inference=inference_options_from_dict(inference, f"{source} [inference]") if inference else InferenceOptions(),
+        evaluation=_evaluation(data.get("evaluation"), inference),
     )
+
+
+def _evaluation(data: Any, inference: Mapping[str, Any]) -> EvaluationConfig:
+    if data is None:
+        return EvaluationConfig()
+    if not isinstance(data, Mapping):
+        raise InputError("evaluation: expected a mapping of options")
+    section = dict(data)
+    if "boxes" in section:
+        section["boxes"] = _volumes(section["boxes"], "evaluation.boxes")
+    config = _section(EvaluationConfig, section, "evaluation")
+    # The overrides must make valid inference options now, not in a worker an hour later.
+    try:
+        inference_options_from_dict({**dict(inference or {}), **config.inference}, "evaluation.inference")
+    except InputError as exc:
+        raise InputError(f"evaluation.inference: {exc}") from None
+    return config
 
 
 def load_train_config(path: str | Path, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:

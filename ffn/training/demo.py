@@ -4,6 +4,11 @@ The model is trained on synthetic volumes generated with other seeds than the de
 (`seed + 1`, `seed + 2`), so the demo segments a volume the network has not seen; the
 demo volume itself (`seed`) serves as the validation volume. A finished model is reused as
 long as its settings match (`demo_model.json` beside it).
+
+Training runs a fixed number of steps (`DEMO_STEPS`), not minutes, with fixed seeds and
+TensorFlow op determinism, so the model and the demo's score do not depend on how fast the
+machine is (bit-identical on the same machine; CPUs with other vector units may round
+differently).
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ DEMO_MARKER = "demo_model.json"
 # FOV 17^3 covers a synthetic neurite's width, deltas 4 keep consecutive FOVs overlapping.
 DEMO_MODEL = {"depth": 4, "fov_size": [17, 17, 17], "deltas": [4, 4, 4], "features": 16}
 DEMO_INFERENCE = {"min_segment_size": 500, "seed_policy": "peaks"}
+# About 4 minutes of training on this repository's 2-core machine when it has the CPU to itself
+# (measured 0.33 CPU-seconds per step on one thread under load; docs/train.md).
+DEMO_STEPS = 1200
 
 
-def demo_config(out_dir: str | Path, seed: int = 0, minutes: float = 4.0, max_steps: int = 100000) -> dict:
+def demo_config(out_dir: str | Path, seed: int = 0, minutes: float = 0.0, max_steps: int = DEMO_STEPS) -> dict:
     volumes = [{"name": f"synthetic-{s}", "image": f"synthetic:{s}", "labels": f"synthetic:{s}:labels",
                 "resolution": [10, 10, 10]} for s in (seed + 1, seed + 2)]
     return {
@@ -34,19 +42,23 @@ def demo_config(out_dir: str | Path, seed: int = 0, minutes: float = 4.0, max_st
         "optimizer": {"name": "adam", "learning_rate": 0.001},
         "training": {"out_dir": str(out_dir), "batch_size": 4, "max_steps": max_steps, "max_minutes": minutes,
                      "seed": seed, "fov_policy": "max_pred", "summary_every_steps": 50, "validation_every_steps": 500,
-                     "validation_examples": 16, "checkpoint_every_steps": 500, "checkpoint_every_seconds": 60.0},
+                     "validation_examples": 16, "checkpoint_every_steps": 500, "checkpoint_every_seconds": 60.0,
+                     # Two TensorFlow threads on every machine: the same summation order, so
+                     # the same model wherever there are at least two cores.
+                     "deterministic": True, "intra_op_threads": 2, "inter_op_threads": 1},
         "inference": DEMO_INFERENCE,
     }
 
 
-def train_demo_model(out_dir: str | Path, seed: int = 0, minutes: float = 4.0, max_steps: int = 100000,
+def train_demo_model(out_dir: str | Path, seed: int = 0, minutes: float = 0.0, max_steps: int = DEMO_STEPS,
                      progress: bool = True) -> Path:
-    """Trains (or reuses) the demo FFN; returns its model directory for `ffn.load_model`."""
+    """Trains (or reuses) the demo FFN for `max_steps` steps; returns its model directory for
+    `ffn.load_model`. `minutes` > 0 adds a time limit (then the model depends on the machine)."""
     from .loop import MODEL_DIR, train
 
     out_dir = Path(out_dir)
     settings = {"seed": seed, "minutes": minutes, "max_steps": max_steps, "model": DEMO_MODEL,
-                "inference": DEMO_INFERENCE, "version": 2}
+                "inference": DEMO_INFERENCE, "version": 3}
     marker = out_dir / DEMO_MARKER
     model_dir = out_dir / MODEL_DIR
     if marker.is_file() and (model_dir / "ffn_config.json").is_file():

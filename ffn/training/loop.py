@@ -12,7 +12,9 @@ canvas before the next visit (reference google/ffn `train.py`, `get_example`/`ge
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 TRAIN_STATE_DIR = "train_state"
 MODEL_DIR = "model"
+MILESTONES_DIR = "milestones"
 
 
 # --- movement inside one example -----------------------------------------------------------
@@ -293,14 +296,97 @@ def _init_weights(model, config: TrainConfig) -> None:
     logger.info("initialized weights from %s", path)
 
 
+def quiet_tensorflow() -> None:
+    """Hides TensorFlow's start-up chatter (C++ INFO/WARNING lines such as oneDNN and CPU
+    feature notices; absl INFO records). The environment variable only works before
+    TensorFlow is first imported, which callers of train() usually have not done yet."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:  # absl comes with TensorFlow; nothing to quiet without it
+        pass
+
+
+class ProgressLines:
+    """Training progress for logs and workers (no terminal): one line every `every` steps
+    with the rate and the time left (steps or the time budget, whichever ends first)."""
+
+    def __init__(self, total: int, start: int, every: int, deadline: float | None):
+        self.total, self.start, self.deadline = total, start, deadline
+        remaining = max(total - start, 1)
+        self.every = every or max(1, min(remaining // 20 or 1, 1000))
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float) -> None:
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / max(elapsed, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else float("inf")
+        if self.deadline is not None:
+            left = min(left, max(self.deadline - time.perf_counter(), 0.0))
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left != float("inf") else "?"
+        print(f"train: step {step}/{self.total} ({100.0 * step / self.total:.0f} %), {rate:.2f} steps/s, "
+              f"{eta} left, loss {loss:.4f}", file=sys.stderr, flush=True)
+
+
+def set_tf_threads(intra: int, inter: int) -> None:
+    """Limits TensorFlow's thread pools (0 leaves a pool at its default). Must run before
+    TensorFlow executes anything; later it cannot change and a warning says so."""
+    if not intra and not inter:
+        return
+    import tensorflow as tf
+
+    try:
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError as exc:
+        current = (tf.config.threading.get_intra_op_parallelism_threads(),
+                   tf.config.threading.get_inter_op_parallelism_threads())
+        if current != (intra or current[0], inter or current[1]):
+            logger.warning("cannot set TensorFlow threads to %d/%d (already %s): %s", intra, inter, current, exc)
+
+
+def _resumed_cpu_seconds(out_dir: Path) -> float:
+    """CPU seconds a resumed run had already used (its last logged train record), else 0."""
+    path = out_dir / "metrics.jsonl"
+    last = 0.0
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            value = record.get("cpu_seconds") if isinstance(record, dict) else None
+            if isinstance(value, (int, float)):
+                last = float(value)
+    return last
+
+
 def train(config: TrainConfig, example_source: ExampleSource | None = None,
-          validation_source: ExampleSource | None = None, strategy=None) -> TrainResult:
+          validation_source: ExampleSource | None = None, strategy=None,
+          on_evaluation_checkpoint=None) -> TrainResult:
     """Trains (or resumes, or fine-tunes) an FFN as `config` says; returns where the model is.
 
     A run writes into `training.out_dir`: `config.yaml`, `train_state/` (checkpoints with the
-    optimizer state, for resuming), `model/` (the latest weights, loadable by inference),
-    `metrics.jsonl`, `tensorboard/` and `training.png`.
+    optimizer state, for resuming), `model/` (the latest weights, loadable by inference; once
+    `exaconnect train summary` has exported a chosen checkpoint there, the latest go to
+    `last_model/`), `milestones/` (kept checkpoints), `metrics.jsonl`, `tensorboard/` and
+    `training.png`.
+
+    Every `evaluation.every_steps` a checkpoint is kept and handed to
+    `on_evaluation_checkpoint(run_dir, step, prefix)` (the CLI and the queue's training task
+    pass one that enqueues an evaluation task on `evaluation.queue`); without a callback and
+    without a queue it is evaluated here, in this process.
     """
+    quiet_tensorflow()
     import tensorflow as tf
     from tqdm import tqdm
 
@@ -311,6 +397,10 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
 
     t = config.training
     out_dir = Path(t.out_dir)
+    set_tf_threads(t.intra_op_threads, t.inter_op_threads)
+    if t.deterministic:
+        tf.random.set_seed(t.seed)
+        tf.config.experimental.enable_op_determinism()
     strategy = strategy or make_strategy(t)
     chief = is_chief(strategy)
     worker_index = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
@@ -335,7 +425,7 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
         optimizer = Optimizer(config.optimizer, ordered_variables(model))
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     checkpoint = tf.train.Checkpoint(weights=model.weights, biases=model.biases, optimizer=optimizer, step=step_var)
-    manager = tf.train.CheckpointManager(checkpoint, str(write_dir / TRAIN_STATE_DIR), max_to_keep=t.keep_checkpoints)
+    manager = tf.train.CheckpointManager(checkpoint, str(write_dir / TRAIN_STATE_DIR), max_to_keep=t.keep_checkpoints or None)
     resumed_from = 0
     latest = tf.train.latest_checkpoint(str(out_dir / TRAIN_STATE_DIR))
     if latest:
@@ -360,11 +450,37 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     def predict(seeds: np.ndarray, images: np.ndarray) -> np.ndarray:
         return forward(tf.constant(images[..., None]), tf.constant(seeds[..., None])).numpy()[..., 0]
 
-    def export() -> None:
+    milestones_dir = write_dir / MILESTONES_DIR
+
+    def export(milestone: str | None = None) -> None:
         manager.save(checkpoint_number=int(step_var.numpy()))
-        save_network(model, write_dir / MODEL_DIR, _export_config(config))
+        # A model chosen by `train summary` stays; the latest weights then go beside it.
+        chosen = (write_dir / MODEL_DIR / "selection.json").is_file()
+        save_network(model, write_dir / ("last_model" if chosen else MODEL_DIR), _export_config(config))
+        if milestone:
+            milestones_dir.mkdir(parents=True, exist_ok=True)
+            # Kept whatever keep_checkpoints says: a plain weights checkpoint per milestone.
+            tf.train.Checkpoint(weights=model.weights, biases=model.biases, step=step_var).write(
+                str(milestones_dir / f"ckpt-{int(step_var.numpy())}"))
+            with open(milestones_dir / "milestones.jsonl", "a") as f:
+                f.write(json.dumps({"step": int(step_var.numpy()), "why": milestone,
+                                    "cpu_seconds": round(time.process_time() - cpu_start, 1),
+                                    "wall_seconds": round(time.perf_counter() - run_start, 1)}) + "\n")
 
     multi_worker = t.strategy == "multi_worker"
+    ev = config.evaluation
+
+    def hand_over(at_step: int) -> None:
+        prefix = str(milestones_dir / f"ckpt-{at_step}")
+        if on_evaluation_checkpoint is not None:
+            on_evaluation_checkpoint(out_dir, at_step, prefix)
+        elif ev.queue:
+            logger.warning("step %d: checkpoint kept for evaluation; enqueue it with `exaconnect train evaluate "
+                           "%s --queue %s` (train() was given no enqueue callback)", at_step, out_dir, ev.queue)
+        else:
+            from .evaluation import evaluate_checkpoint
+
+            evaluate_checkpoint(out_dir, at_step, prefix)
 
     def agree(*flags: bool) -> list[bool]:
         # Workers of a multi-worker job must stop and save at the same step (both involve
@@ -377,6 +493,9 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
         return [bool(v > 0) for v in total]
 
     step = resumed_from
+    cpu_start = time.process_time() - _resumed_cpu_seconds(out_dir)
+    steps_due = [m for m in t.checkpoint_at_steps if m > resumed_from]
+    cpu_due = [m * 60.0 for m in t.checkpoint_at_cpu_minutes if m * 60.0 > time.process_time() - cpu_start]
     last_save_time = time.perf_counter()
     last_loss = float("nan")
     losses: list[float] = []
@@ -386,7 +505,10 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     validation: dict[str, float] = {}
     # The time budget is for training; reading volumes and partitions come before it.
     deadline = run_start + 60.0 * t.max_minutes if t.max_minutes > 0 else None
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not (t.progress and chief) or None)
+    show = t.progress and chief
+    on_terminal = show and sys.stderr.isatty()
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not on_terminal)
+    lines = ProgressLines(t.max_steps, step, t.progress_every_steps, deadline) if show and not on_terminal else None
     try:
         while step < t.max_steps:
             if deadline is not None and agree(time.perf_counter() >= deadline)[0]:
@@ -401,13 +523,17 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
             losses.append(loss)
             window_steps += 1
             bar.update(1)
+            if lines is not None:
+                lines.update(step, last_loss)
             if step % t.summary_every_steps == 0:
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps / max(elapsed, 1e-9)
                 values = {"loss": float(np.mean(losses)), "steps_per_second": rate,
                           "examples_per_second": rate * step_fn.global_batch,
                           "learning_rate": float(optimizer.learning_rate.numpy()),
-                          "examples_started": feeder.examples_started}
+                          "examples_started": feeder.examples_started,
+                          "cpu_seconds": time.process_time() - cpu_start,
+                          "wall_seconds": time.perf_counter() - run_start}
                 log.write(step, "train", values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{values['examples_per_second']:.2f}")
                 losses, window_start, window_steps = [], time.perf_counter(), 0
@@ -420,9 +546,26 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
                 # Throughput counts training only.
                 window_start += time.perf_counter() - paused
             now = time.perf_counter()
-            if step % t.checkpoint_every_steps == 0 or agree(now - last_save_time >= t.checkpoint_every_seconds)[0]:
-                export()
+            milestone = None
+            if steps_due and step >= steps_due[0]:
+                milestone = f"step {steps_due.pop(0)}"
+            if cpu_due and agree(time.process_time() - cpu_start >= cpu_due[0])[0]:
+                milestone = f"{cpu_due.pop(0) / 60:g} CPU minutes"
+            evaluate_now = bool(ev.every_steps) and step % ev.every_steps == 0
+            if evaluate_now and not milestone:
+                milestone = "evaluation"
+            if milestone or step % t.checkpoint_every_steps == 0 or \
+                    agree(now - last_save_time >= t.checkpoint_every_seconds)[0]:
+                export(milestone)
                 last_save_time = now
+            if evaluate_now and chief:
+                paused, cpu_paused = time.perf_counter(), time.process_time()
+                hand_over(step)
+                pause = time.perf_counter() - paused
+                window_start += pause
+                cpu_start += time.process_time() - cpu_paused  # evaluation is not training CPU time
+                if deadline is not None:
+                    deadline += pause  # evaluation is not training time
     finally:
         bar.close()
     if steps_run or not (write_dir / MODEL_DIR).is_dir():

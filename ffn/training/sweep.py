@@ -4,7 +4,9 @@ A sweep file names a base training config and a grid of dotted keys::
 
     base: configs/train_synthetic.yaml     # relative to the sweep file
     out_dir: runs/sweep
-    metric: f1                             # validation metric to rank by (higher is better)
+    metric: adapted_rand_error             # rank by: f1 (validation FOV F1, higher is better) or
+                                           # adapted_rand_error | vi | vi_merge | vi_split of each
+                                           # run's best evaluated checkpoint (lower is better)
     grid:
       optimizer.learning_rate: [0.001, 0.0003]
       training.batch_size: [2, 4]
@@ -31,7 +33,10 @@ from exaconnect.errors import InputError
 from .config import merge_overrides, train_config_from_dict
 
 RESULT_FILENAME = "result.json"
-SECTIONS = ("model", "data", "augment", "optimizer", "training", "inference")
+SECTIONS = ("model", "data", "augment", "optimizer", "training", "inference", "evaluation")
+# Validation F1 of FOV masks (higher is better) or a segmentation metric of the run's best
+# evaluated checkpoint (ffn.training.evaluation; lower is better).
+HIGHER_IS_BETTER = ("f1", "precision", "recall", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,10 @@ def build_sweep(base: Mapping[str, Any], grid: Mapping[str, Any], out_dir: str, 
         if not isinstance(grid[key], list) or not grid[key]:
             raise InputError(f"{source}: grid key {key!r}: expected a non-empty list of values")
     points = []
+    from .config import EVAL_METRICS
+
+    if metric not in HIGHER_IS_BETTER + EVAL_METRICS:
+        raise InputError(f"{source}: metric {metric!r}: expected one of {HIGHER_IS_BETTER + EVAL_METRICS}")
     for combo in itertools.product(*(grid[k] for k in keys)):
         values = dict(zip(keys, combo))
         name = _point_name(values)
@@ -135,8 +144,13 @@ def write_result(out_dir: str | Path, result, config_point: str) -> Path:
 
 
 def summarize_sweep(sweep: Sweep) -> list[dict[str, Any]]:
-    """Ranks finished points by the validation metric (then by final training loss)."""
+    """Ranks finished points by the sweep's metric (then by final training loss): the
+    validation F1 (higher is better) or, for a segmentation metric, the value of the run's
+    best evaluated checkpoint (lower is better; the same choice `train summary` exports)."""
+    from .evaluation import run_score
     from .monitor import read_metrics
+
+    higher = sweep.metric in HIGHER_IS_BETTER
 
     rows = []
     for point in sweep.points:
@@ -150,8 +164,11 @@ def summarize_sweep(sweep: Sweep) -> list[dict[str, Any]]:
         if result_path.is_file():
             result = json.loads(result_path.read_text())
             row.update(status="done", step=result["step"], last_loss=result["last_loss"],
-                       examples_per_second=result["examples_per_second"],
-                       metric=result.get("validation", {}).get(sweep.metric, float("nan")))
+                       examples_per_second=result["examples_per_second"])
+            if higher:
+                row["metric"] = result.get("validation", {}).get(sweep.metric, float("nan"))
+            else:
+                row["metric"], row["chosen_step"] = run_score(run_dir, sweep.metric)
         elif read_metrics(run_dir):
             row["status"] = "running"
         rows.append(row)
@@ -159,7 +176,9 @@ def summarize_sweep(sweep: Sweep) -> list[dict[str, Any]]:
     def key(row):
         metric = row.get("metric", float("nan"))
         loss = row.get("last_loss", float("inf"))
-        return (row["status"] != "done", -(metric if not math.isnan(metric) else -math.inf), loss)
+        if math.isnan(metric):
+            return (row["status"] != "done", math.inf, loss)
+        return (row["status"] != "done", -metric if higher else metric, loss)
 
     rows.sort(key=key)
     for rank, row in enumerate(rows, 1):
@@ -178,6 +197,8 @@ def write_summary(sweep: Sweep, rows: list[dict[str, Any]]) -> dict[str, Path]:
     out = Path(sweep.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = ["rank", "name", "status", "metric", "last_loss", "examples_per_second", "step"]
+    if sweep.metric not in HIGHER_IS_BETTER:
+        columns.insert(4, "chosen_step")
     lines = [f"| {' | '.join(c if c != 'metric' else sweep.metric for c in columns)} |",
              f"|{'---|' * len(columns)}"]
     for row in rows:
@@ -192,7 +213,8 @@ def write_summary(sweep: Sweep, rows: list[dict[str, Any]]) -> dict[str, Path]:
     fig, (ax_rank, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     done = [r for r in rows if r["status"] == "done"]
     ax_rank.barh([r["name"] for r in done][::-1], [r.get("metric", 0.0) for r in done][::-1])
-    ax_rank.set_xlabel(f"validation {sweep.metric}")
+    ax_rank.set_xlabel(f"validation {sweep.metric}" + ("" if sweep.metric in HIGHER_IS_BETTER
+                                                       else " of the chosen checkpoint (lower is better)"))
     ax_rank.set_title("sweep ranking")
     for point in sweep.points:
         train = [r for r in read_metrics(point.config["training"]["out_dir"]) if r["kind"] == "train"]

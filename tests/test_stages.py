@@ -120,6 +120,8 @@ def test_demo_runs_end_to_end_reuses_its_stages_and_scores_within_bounds(tmp_pat
     assert "VI" in again.stdout and "#!" in again.stdout.strip().splitlines()[-1]
 
 
-# Measured on the deterministic demo model (see the closing notes); a generous margin above it.
-DEMO_VI_BOUND = 99.0
-DEMO_ARE_BOUND = 1.0
+# The deterministic demo model (DEMO_STEPS fixed steps, fixed seeds) scored VI 3.737 (split 0.907,
+# merge 2.830) and adapted Rand error 0.708 on this machine; the margins allow for other CPUs'
+# rounding, not for a worse model.
+DEMO_VI_BOUND = 4.0
+DEMO_ARE_BOUND = 0.76

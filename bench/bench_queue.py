@@ -195,6 +195,23 @@ def drain(layout: str, n_tasks: int, workers: int, shards: int, root: Path) -> d
     return result
 
 
+def warm_up(root: Path) -> None:
+    """Run one real worker over a three-task queue in this process before any fork, so that
+    everything a worker imports on its first lease (cloud-volume and the codecs, through the
+    chunk guard and the task registry: about a CPU-second) is already loaded in every child.
+    Otherwise 256 workers start by importing at once and a 2-core machine spends minutes on that
+    inside the timed window (the stall seen at 256 workers before this warm-up)."""
+    queue = root / "warm-up"
+    FileQueue(queue, create=True, shards=2)
+    enqueue(str(queue), [NoopTask(i) for i in range(3)])
+    Worker(str(queue), WorkerOptions(lease_seconds=600, exit_when_empty=True, idle_poll_seconds=IDLE_POLL,
+                                     task_modules=("worker_tasks",))).run()
+    from taskqueue import TaskQueue  # the upstream workers' one import
+
+    del TaskQueue
+    shutil.rmtree(queue, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20000)
@@ -208,6 +225,7 @@ def main() -> None:
     layouts = args.layouts.split(",")
     rows: dict[str, list] = {layout: [] for layout in layouts}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        warm_up(Path(tmp))
         for workers in counts:
             for layout in layouts:  # interleaved, so a change in machine load hits both alike
                 rows[layout].append(drain(layout, args.tasks, workers, args.shards, Path(tmp)))

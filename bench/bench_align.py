@@ -2,7 +2,7 @@
 already aligned) misaligned with recorded truth (align/perturb.py: random translation up to 40 px
 per axis, rotation up to 1.5 degrees, smooth elastic distortion up to 5 px, one blank and one
 contrast-inverted section), aligned through a real fq:// queue by a real worker; the unperturbed
-cube aligned too (drift, invariance); today's flow and render code (`git show HEAD:align/...`,
+cube aligned too (drift, invariance); the baseline flow and render code (`git show 987a6fa:align/...`,
 loaded into temporary modules) timed side by side with ours on the same pairs in this process;
 a synthetic large section matched in tiles. Prints one JSON line.
 
@@ -16,7 +16,7 @@ Figures (px unless named otherwise):
   stack_epe_*        stack-wide error after one global rigid transform (informational: it
                      includes what no image-based aligner can tell from oblique neurites).
   correlation_*      mean chunked Pearson correlation of consecutive good sections.
-  flow_mpix_per_cpu_s, render_mpix_per_cpu_s: ours and today's, same pairs, same process,
+  flow_mpix_per_cpu_s, render_mpix_per_cpu_s: ours and the baseline (987a6fa), same pairs, same process,
                      alternating, per CPU-second of this (single-threaded) process.
   big_section_*      a 2048 x 2048 synthetic pair matched whole and in 512 px tiles.
 
@@ -49,12 +49,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "fib25" / "training_sample2"
 
 
-def head_module(path: str, name: str):
-    """Today's committed version of a module of ours, loaded under another name."""
-    source = subprocess.check_output(["git", "show", f"HEAD:{path}"], cwd=REPO).decode()
+# The alignment code as it was when the second alignment round was filed (after the layout
+# change, before the round's own commit 8a3a35b): the fixed baseline of the side-by-side timings.
+# (Loading HEAD's version instead would time our code against itself once the round landed.)
+BASELINE_COMMIT = "987a6fa"
+
+
+def head_module(path: str, name: str, commit: str = BASELINE_COMMIT):
+    """The baseline commit's version of a module of ours, loaded under another name."""
+    try:
+        source = subprocess.check_output(["git", "show", f"{commit}:{path}"], cwd=REPO,
+                                         stderr=subprocess.PIPE).decode()
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"bench_align: cannot read {path} at baseline commit {commit} "
+                         f"(a shallow clone? fetch the history): {exc.stderr.decode().strip()}")
     module = types.ModuleType(name)
     sys.modules[name] = module  # dataclasses look their module up there
-    exec(compile(source, f"HEAD:{path}", "exec"), module.__dict__)
+    exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
     return module
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 
 from exaconnect.errors import InputError
 from exaconnect.align.flow import downsample, section_mask
@@ -39,9 +40,11 @@ class CoarseMatch:
 
 
 def _xcorr_full(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Full linear cross-correlation sum_u a(u) b(u + d), centred at d = 0."""
-    shape = (a.shape[0] + b.shape[0], a.shape[1] + b.shape[1])
-    out = np.fft.irfft2(np.conj(np.fft.rfft2(a, s=shape)) * np.fft.rfft2(b, s=shape), s=shape)
+    """Full linear cross-correlation sum_u a(u) b(u + d), centred at d = 0 (index shape // 2).
+    Padded to a fast FFT length at least a + b, so no lag wraps: 2 x 62 px sections pad to 124
+    = 4 x 31, whose prime factor made this one call cost as much as the patch transforms of a pair."""
+    shape = tuple(scipy.fft.next_fast_len(a.shape[i] + b.shape[i], real=True) for i in range(2))
+    out = scipy.fft.irfft2(np.conj(scipy.fft.rfft2(a, s=shape)) * scipy.fft.rfft2(b, s=shape), s=shape)
     return np.fft.fftshift(out)
 
 

@@ -20,7 +20,7 @@ Figures (px unless named otherwise):
                      alternating, per CPU-second of this (single-threaded) process.
   big_section_*      a 2048 x 2048 synthetic pair matched whole and in 512 px tiles.
 
-    nice -n 5 .venv/bin/python bench/bench_align.py [--sections N] [--out DIR] [--timing-pairs K]
+    nice -n 5 .venv/bin/python bench/bench_align.py [--sections N] [--out DIR] [--timing-pairs K] [--timing-only RUNS]
 """
 
 from __future__ import annotations
@@ -262,6 +262,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--timing-pairs", type=int, default=30)
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--timing-only", type=int, default=0, metavar="RUNS",
+                        help="only time the flow kernels (ours and the baseline's) RUNS times and print that")
     args = parser.parse_args()
     if not SHARED.exists():
         print(json.dumps({"skipped": f"FIB-25 not found at {SHARED}"}))
@@ -287,7 +289,13 @@ def main() -> int:
     shape = original.shape[1:]
     good = [z for z in range(n) if z not in truth.bad_sections]
 
-    flow_speed = time_flow(misaligned[: blank - 1] if blank > args.timing_pairs + 1 else misaligned, args.timing_pairs, config)
+    timing_stack = misaligned[: blank - 1] if blank > args.timing_pairs + 1 else misaligned
+    if args.timing_only:
+        runs = [time_flow(timing_stack, args.timing_pairs, config) for _ in range(args.timing_only)]
+        print(json.dumps({"bench": "align_flow_throughput", "baseline_commit": BASELINE_COMMIT, "runs": runs,
+                          "load_average": round(os.getloadavg()[0], 2)}))
+        return 0
+    flow_speed = time_flow(timing_stack, args.timing_pairs, config)
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_align_"))
     root.mkdir(parents=True, exist_ok=True)

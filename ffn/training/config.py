@@ -212,6 +212,12 @@ class TrainingConfig:
     seed_pad: float = 0.05  # the rest of a fresh mask
     # Soft targets: label 1 -> 1 - label_softness, 0 -> label_softness.
     label_softness: float = 0.05
+    # Loss weight of the voxels just *outside* the object, within boundary_radius voxels of it
+    # (6-connected steps): the membrane and the neighbour's rim. 1 = every voxel alike (the
+    # reference). A leak through one membrane costs a few hundred voxels of one FOV mask but
+    # merges two whole cells once inference floods on from it, so the loss can price it higher.
+    boundary_weight: float = 1.0
+    boundary_radius: int = 2
     seed: int = 0
     checkpoint_every_steps: int = 500
     # A node killed loses at most this much work.
@@ -265,6 +271,8 @@ class TrainingConfig:
             if getattr(self, name) >= 1.0:
                 raise InputError(f"{s}.{name}={getattr(self, name)!r}: expected a probability below 1")
         _number(s, "label_softness", self.label_softness, low=0.0, high=0.5)
+        _number(s, "boundary_weight", self.boundary_weight, low=0.0)
+        _number(s, "boundary_radius", self.boundary_radius, low=1, integer=True)
         if self.fov_policy not in FOV_POLICIES:
             raise InputError(f"{s}.fov_policy={self.fov_policy!r}: expected one of {FOV_POLICIES}")
         if self.strategy not in STRATEGIES:

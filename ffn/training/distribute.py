@@ -144,11 +144,11 @@ def ordered_variables(model) -> list[tf.Variable]:
 
 
 class TrainStep:
-    """One synchronous data-parallel step: `__call__(seeds, images, targets) -> (loss, logits)`.
+    """One synchronous data-parallel step: `__call__(seeds, images, targets[, weights]) -> (loss, logits)`.
 
     Arrays are this worker's share of the global batch, [n, z, y, x] float32, split evenly
-    over the local replicas. The loss is the mean sigmoid cross-entropy over voxels and over
-    the global batch (so the update does not depend on how the batch is split).
+    over the local replicas. The loss is the mean of the per-voxel weighted sigmoid
+    cross-entropy over voxels and over the global batch (so the update does not depend on how the batch is split).
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model, optimizer: Optimizer, per_replica_batch: int):
@@ -161,17 +161,17 @@ class TrainStep:
         self.variables = ordered_variables(model)
         self._step = tf.function(self._distributed_step)
 
-    def _replica_step(self, seeds: tf.Tensor, images: tf.Tensor, targets: tf.Tensor):
+    def _replica_step(self, seeds: tf.Tensor, images: tf.Tensor, targets: tf.Tensor, weights: tf.Tensor):
         with tf.GradientTape() as tape:
             logits = self.model._forward(images, seeds)
             cross_entropy = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits)
-            per_example = tf.reduce_mean(cross_entropy, axis=[1, 2, 3, 4])
+            per_example = tf.reduce_mean(cross_entropy * weights, axis=[1, 2, 3, 4])
             loss = tf.reduce_sum(per_example) / float(self.global_batch)
         grads = tape.gradient(loss, self.variables)
         return loss, logits, grads
 
-    def _distributed_step(self, seeds, images, targets):
-        loss, logits, grads = self.strategy.run(self._replica_step, args=(seeds, images, targets))
+    def _distributed_step(self, seeds, images, targets, weights):
+        loss, logits, grads = self.strategy.run(self._replica_step, args=(seeds, images, targets, weights))
         sum_ = tf.distribute.ReduceOp.SUM
         reduced = [self.strategy.reduce(sum_, g, axis=None) for g in grads]
         self.optimizer.apply(reduced, self.variables)
@@ -190,7 +190,12 @@ class TrainStep:
 
         return self.strategy.experimental_distribute_values_from_function(value)
 
-    def __call__(self, seeds: np.ndarray, images: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-        loss, logits = self._step(self.distribute(seeds), self.distribute(images), self.distribute(targets))
+    def __call__(self, seeds: np.ndarray, images: np.ndarray, targets: np.ndarray,
+                 weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        """One step; `weights` are per-voxel loss weights like `targets` (None: all 1)."""
+        if weights is None:
+            weights = np.ones_like(np.asarray(targets, np.float32))
+        loss, logits = self._step(self.distribute(seeds), self.distribute(images), self.distribute(targets),
+                                  self.distribute(weights))
         parts = self.strategy.experimental_local_results(logits)
         return float(loss), np.concatenate([p.numpy() for p in parts])[..., 0]

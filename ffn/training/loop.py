@@ -28,6 +28,7 @@ from exaconnect.errors import InputError
 from .augment import augment_example, valid_transforms
 from .config import TrainConfig, config_to_yaml
 from .data import ExampleSource, build_example_source
+from .loss_weights import boundary_weights
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +64,12 @@ class ExampleWalk:
     """
 
     def __init__(self, image: np.ndarray, mask: np.ndarray, settings: WalkSettings, softness: float,
-                 rng: np.random.Generator):
+                 rng: np.random.Generator, weights: np.ndarray | None = None):
         self.settings = settings
         self.image = image.astype(np.float32, copy=False)
         self.mask = mask
         self.target = np.where(mask, 1.0 - softness, softness).astype(np.float32)
+        self.weights = weights  # per-voxel loss weights (None: all 1)
         self.canvas = np.full(image.shape, settings.pad_logit, dtype=np.float32)
         self.center = np.array(image.shape) // 2
         self.canvas[tuple(self.center)] = settings.init_logit
@@ -81,6 +83,11 @@ class ExampleWalk:
     def crops(self, offset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sel = self._sel(offset)
         return self.canvas[sel], self.image[sel], self.target[sel]
+
+    def weight_crop(self, offset) -> np.ndarray:
+        if self.weights is None:
+            return np.ones(self.settings.fov_zyx, dtype=np.float32)
+        return self.weights[self._sel(offset)]
 
     def update(self, offset, logits: np.ndarray) -> None:
         self.canvas[self._sel(offset)] = logits
@@ -159,12 +166,15 @@ class BatchFeeder:
         image, mask, vi = self.source.draw(self.rng)
         if self.augment:
             image, mask = augment_example(image, mask, self.rng, self.config.augment, self.transforms[vi])
-        walk = ExampleWalk(image, mask, self.settings, self.config.training.label_softness, self.rng)
+        t = self.config.training
+        walk = ExampleWalk(image, mask, self.settings, t.label_softness, self.rng,
+                           boundary_weights(mask, t.boundary_weight, t.boundary_radius))
         self.examples_started += 1
         return walk, walk.offsets()
 
-    def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        seeds, images, targets = [], [], []
+    def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Seeds, images, targets and per-voxel loss weights, [batch, z, y, x] each."""
+        seeds, images, targets, weights = [], [], [], []
         for i in range(len(self.slots)):
             while True:
                 if self.slots[i] is None:
@@ -180,7 +190,8 @@ class BatchFeeder:
             seeds.append(seed.copy())
             images.append(image)
             targets.append(target)
-        return np.stack(seeds), np.stack(images), np.stack(targets)
+            weights.append(walk.weight_crop(offset))
+        return np.stack(seeds), np.stack(images), np.stack(targets), np.stack(weights)
 
     def update(self, logits: np.ndarray) -> None:
         for i, slot in enumerate(self.slots):
@@ -513,8 +524,8 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
         while step < t.max_steps:
             if deadline is not None and agree(time.perf_counter() >= deadline)[0]:
                 break
-            seeds, images, targets = feeder.next()
-            loss, logits = step_fn(seeds, images, targets)
+            seeds, images, targets, weights = feeder.next()
+            loss, logits = step_fn(seeds, images, targets, weights)
             feeder.update(logits)
             step += 1
             steps_run += 1

@@ -87,7 +87,7 @@ def test_meshes_and_skeletons_load_for_every_object(sample_layers):
 
 def test_demo_runs_end_to_end_reuses_its_stages_and_scores_within_bounds(tmp_path):
     """`make demo` is `exaconnect run configs/demo.yaml`: ingest, misalign and align, the demo FFN
-    (a fixed number of steps, so the score is the same on every machine), segment, stitch,
+    (a fixed number of steps: the same score on machines with the same CPU vector unit), segment, stitch,
     mesh, skeletons, evaluate, link. A second run reuses every stage."""
     command = [sys.executable, "-m", "exaconnect.cli", "demo", "--output", str(tmp_path / "data"),
                "--queue-root", str(tmp_path / "queues")]
@@ -108,6 +108,8 @@ def test_demo_runs_end_to_end_reuses_its_stages_and_scores_within_bounds(tmp_pat
     assert alignment["mean_correlation_after"] > alignment["mean_correlation_before"] + 0.2
     scores = summary["scores"]
     assert scores["vi"] < DEMO_VI_BOUND and scores["adapted_rand_error"] < DEMO_ARE_BOUND, scores
+    # A network that learned nothing leaves the volume unsegmented (one segment, label 0).
+    assert scores["segments"] >= scores["groundtruth_objects"], scores
     # Meshes and skeletons of the FFN segmentation load.
     seg = open_layer(summary["layers"]["segmentation"])
     ids = [int(i) for i in np.unique(read_box(seg, layer_bounds(seg))) if i][:3]
@@ -120,8 +122,13 @@ def test_demo_runs_end_to_end_reuses_its_stages_and_scores_within_bounds(tmp_pat
     assert "VI" in again.stdout and "#!" in again.stdout.strip().splitlines()[-1]
 
 
-# The deterministic demo model (DEMO_STEPS fixed steps, fixed seeds) scored VI 3.737 (split 0.907,
-# merge 2.830) and adapted Rand error 0.708 on this machine; the margins allow for other CPUs'
-# rounding, not for a worse model.
-DEMO_VI_BOUND = 4.0
-DEMO_ARE_BOUND = 0.76
+# The demo model is deterministic on one machine (fixed steps, seeds and threads), but oneDNN
+# picks its kernels by the CPU's vector unit, and 1,200 steps are few enough that the rounding
+# changes the model. Measured with ONEDNN_MAX_CPU_ISA on one machine (docs/segment.md, "The
+# demo's score across CPUs"): VI 3.759-4.037 and adapted Rand error 0.711-0.767 over seven
+# kernel paths (SSE4.1 to AVX-512 with BF16, and oneDNN off); the three AVX-512 paths give
+# the worst, 4.037 / 0.767. The bounds add about that spread again on top of the worst path.
+# They check that the pipeline and the demo network work end to end, not that the 1,200-step
+# network is a good one: an empty segmentation of the same volume scores 3.017 / 0.703.
+DEMO_VI_BOUND = 4.35
+DEMO_ARE_BOUND = 0.82

@@ -44,7 +44,8 @@ def demo_config(out_dir: str | Path, seed: int = 0, minutes: float = 0.0, max_st
                      "seed": seed, "fov_policy": "max_pred", "summary_every_steps": 50, "validation_every_steps": 500,
                      "validation_examples": 16, "checkpoint_every_steps": 500, "checkpoint_every_seconds": 60.0,
                      # Two TensorFlow threads on every machine: the same summation order, so
-                     # the same model wherever there are at least two cores.
+                     # the same model wherever there are at least two cores and the same vector
+                     # unit (oneDNN picks its kernels by it: docs/segment.md).
                      "deterministic": True, "intra_op_threads": 2, "inter_op_threads": 1},
         "inference": DEMO_INFERENCE,
     }

@@ -4,10 +4,12 @@
 #   docker build --build-arg FLAVOUR=xpu -t exaconnect:0.1.0-xpu .        (Intel GPUs, Aurora: TF 2.15 + ITEX)
 #   docker build --build-arg FLAVOUR=nvidia -t exaconnect:0.1.0-nvidia .  (NVIDIA GPUs, Polaris)
 #   docker run exaconnect:0.1.0-cpu queue work fq:///data/queues/mesh --heartbeat /tmp/exaconnect/heartbeat
-# Dependencies: exactly deploy/lock/FLAVOUR.txt (wheels only: no compiler in any stage), installed
+# Dependencies: exactly deploy/lock/FLAVOUR.txt (wheels only: pip never compiles), installed
 # before the code is copied, by deploy/install.sh (the Apptainer definition deploy/exaconnect.def
-# runs the same script). The image runs as uid 10001. XPU specifics stay in this flavour and in
-# ffn/device.py.
+# runs the same script). The cpu and nvidia bases have no compiler; the oneAPI base of xpu ships
+# build-essential, cmake, git and openssh-server, which install.sh system-xpu removes. It keeps
+# the base's own Intel GPU apt source. The image runs as uid 10001. XPU specifics stay in this
+# flavour and in ffn/device.py.
 ARG FLAVOUR=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # ITEX 2.15 needs the oneAPI 2024.1 runtime (this image) and the Level Zero GPU driver (added below).
@@ -43,6 +45,7 @@ COPY services services
 COPY ffn ffn
 COPY align align
 COPY viewer viewer
+COPY montage montage
 COPY deploy/healthcheck.sh /usr/local/bin/exaconnect-healthcheck
 RUN sh deploy/install.sh project /opt/exaconnect \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/exa exa

@@ -30,16 +30,19 @@ MODEL       ?= ../shared/models/ffn-fib25/model.ckpt-27465036
 SUBVOLUME   ?= 256,256,256
 OVERLAP     ?= 32,32,32
 
-.PHONY: help setup demo run test browser align train sweep sweep-summary ingest downsample mesh mesh-merge skeletonize skeleton-merge segment \
+.PHONY: help setup demo run test browser align train sweep sweep-summary ingest downsample mesh mesh-merge skeleton skeleton-merge segment \
         workers status view link bench clean image apptainer
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(VENV)/.installed: pyproject.toml
+# The cpu image's lock first (what the image ships, so the tests run on it), then the project with
+# its test tools, constrained to the same pins.
+$(VENV)/.installed: pyproject.toml deploy/lock/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip install -q -r deploy/lock/cpu.txt
+	$(PY) -m pip install -q -c deploy/lock/cpu.txt -e '.[cpu,test]'
 	touch $@
 
 setup: $(VENV)/.installed ## create .venv and install exaconnect
@@ -71,7 +74,7 @@ mesh: setup ## enqueue mesh fragments of SEGMENTATION (then make workers SERVICE
 mesh-merge: setup ## enqueue mesh manifests of SEGMENTATION
 	$(EXA) mesh enqueue $(SEGMENTATION) --stage merge --queue $(QUEUES)
 
-skeletonize: setup ## enqueue kimimaro skeleton fragments of SEGMENTATION on QUEUES/skeletonize
+skeleton: setup ## enqueue kimimaro skeleton fragments of SEGMENTATION on QUEUES/skeleton
 	$(EXA) skeleton enqueue $(SEGMENTATION) --stage forge --queue $(QUEUES)
 
 skeleton-merge: setup ## enqueue the skeleton fragment merge of SEGMENTATION

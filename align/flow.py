@@ -33,6 +33,7 @@ import scipy.fft
 from scipy import ndimage
 
 from exaconnect.errors import InputError
+from exaconnect.precomputed.config_loader import load_dataclass
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class FlowConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FlowConfig":
-        return cls(**data)
+        return load_dataclass(cls, data, "align.flow")
 
 
 @dataclass(frozen=True)
@@ -256,40 +257,6 @@ def mask_fractions(integral: np.ndarray, centers: np.ndarray, size: int) -> np.n
 
 
 # ---------------------------------------------------------------- patch correlation
-
-def extract_patches(image: np.ndarray, mask: np.ndarray, centers: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Square patches (and their masks) centred on integer `centers` [n, 2]; outside is masked."""
-    half = size // 2
-    pad = size + 1
-    ny, nx = image.shape
-    starts = np.asarray(centers, dtype=np.int64) - half
-    inside = ((starts >= 0).all(axis=1) & (starts[:, 0] + size <= ny) & (starts[:, 1] + size <= nx)).all()
-    if inside:
-        # Most patches lie inside: a strided view avoids padding the whole section.
-        from numpy.lib.stride_tricks import sliding_window_view
-
-        view = sliding_window_view(image, (size, size))
-        mview = sliding_window_view(mask, (size, size))
-        return view[starts[:, 0], starts[:, 1]].astype(np.float32), mview[starts[:, 0], starts[:, 1]]
-    padded = np.pad(image.astype(np.float32), pad)
-    padded_mask = np.pad(mask, pad)
-    starts = np.clip(starts + pad, 0, np.array(padded.shape) - size)
-    offsets = np.arange(size)
-    rows = starts[:, 0, None, None] + offsets[None, :, None]
-    cols = starts[:, 1, None, None] + offsets[None, None, :]
-    return padded[rows, cols], padded_mask[rows, cols]
-
-
-def _normalize(patches: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance over each patch's valid pixels; masked pixels become 0 so that
-    they add nothing to the correlation (this also makes matching blind to contrast and gain)."""
-    m = masks.astype(np.float32)
-    count = np.maximum(m.sum(axis=(1, 2), keepdims=True), 1.0)
-    mean = (patches * m).sum(axis=(1, 2), keepdims=True) / count
-    centred = (patches - mean) * m
-    std = np.sqrt((centred**2).sum(axis=(1, 2), keepdims=True) / count)
-    return centred / np.maximum(std, 1e-6)
-
 
 def tukey_window(size: int, taper: float) -> np.ndarray:
     """2-D separable Tukey window: flat in the middle, cosine ramps over `taper` of each side."""
@@ -566,13 +533,6 @@ def warp_prepared(section: PreparedSection, dense_flow: np.ndarray) -> np.ndarra
     outside = (coords[0] < 0) | (coords[0] > h - 1) | (coords[1] < 0) | (coords[1] > w - 1)
     out[outside] = 0.0
     return out
-
-
-def warp_by_flow(mov: np.ndarray, dense_flow: np.ndarray, order: int = 3) -> np.ndarray:
-    """The moving section resampled into the reference frame: out(x) = mov(x + F(x)); 0 outside."""
-    yy, xx = np.meshgrid(np.arange(mov.shape[0], dtype=np.float32), np.arange(mov.shape[1], dtype=np.float32), indexing="ij")
-    coords = np.stack([yy + dense_flow[..., 0], xx + dense_flow[..., 1]])
-    return ndimage.map_coordinates(mov.astype(np.float32), coords, order=order, mode="constant", cval=0.0)
 
 
 # ---------------------------------------------------------------- the whole estimate

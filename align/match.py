@@ -17,9 +17,10 @@ from typing import Callable
 import numpy as np
 
 from exaconnect.errors import InputError
+from exaconnect.precomputed.config_loader import load_dataclass
 from exaconnect.align.coarse import CoarseConfig, estimate_translation
 from exaconnect.align.flow import FlowConfig, FlowField, PreparedSection, estimate_flow, prepare_section
-from exaconnect.align.mesh import (MeshConfig, SectionFlow, block_ranges, compose_blocks,
+from exaconnect.align.mesh import (SpringMeshConfig, SectionFlow, block_ranges, compose_blocks,
                                                detrend_meshes, drift_window_for, identity_mesh, remove_drift,
                                    solve_block)
 
@@ -28,7 +29,7 @@ from exaconnect.align.mesh import (MeshConfig, SectionFlow, block_ranges, compos
 class AlignConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
+    mesh: SpringMeshConfig = field(default_factory=SpringMeshConfig)
     max_skip: int = 4
     # A section with less texture than this (fraction of pixels) is blank / missing.
     min_textured_fraction: float = 0.2
@@ -49,9 +50,7 @@ class AlignConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AlignConfig":
-        return cls(flow=FlowConfig(**data.get("flow", {})), coarse=CoarseConfig(**data.get("coarse", {})),
-                   mesh=MeshConfig(**data.get("mesh", {})),
-                   **{k: v for k, v in data.items() if k not in ("flow", "coarse", "mesh")})
+        return load_dataclass(cls, data, "align")
 
 
 @dataclass
@@ -80,7 +79,7 @@ def config_for_shape(section_shape: tuple[int, int], **mesh_options) -> AlignCon
     patch = int(min(160, max(32, (side // 4) // 8 * 8)))
     stride = patch // 4
     return AlignConfig(flow=FlowConfig(patch_size=patch, stride=stride),
-                       mesh=MeshConfig(stride=stride, **mesh_options))
+                       mesh=SpringMeshConfig(stride=stride, **mesh_options))
 
 
 def prepared(sections: dict[int, np.ndarray], cache: dict, z: int, config: AlignConfig) -> PreparedSection:
@@ -167,9 +166,9 @@ def match_section_tiled(read: Callable[[int, int, int, int, int], np.ndarray], o
 
 
 def finalize_meshes(block_meshes: list[tuple[int, dict[int, np.ndarray]]], section_shape: tuple[int, int],
-                    statuses: dict[int, str], config: MeshConfig, info: dict | None = None) -> dict[int, np.ndarray]:
-    """Compose block solutions, apply the drift prior (MeshConfig.drift_prior) and remove what is
-    common to the stack (MeshConfig.detrend). `info`, if given, receives what the prior did."""
+                    statuses: dict[int, str], config: SpringMeshConfig, info: dict | None = None) -> dict[int, np.ndarray]:
+    """Compose block solutions, apply the drift prior (SpringMeshConfig.drift_prior) and remove what is
+    common to the stack (SpringMeshConfig.detrend). `info`, if given, receives what the prior did."""
     from exaconnect.align.mesh import input_misalignment
 
     meshes = compose_blocks(block_meshes, config.stride)

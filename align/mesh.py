@@ -23,12 +23,13 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import splu
 
 from exaconnect.errors import InputError
+from exaconnect.precomputed.config_loader import load_dataclass
 from exaconnect.align.coarse import apply_affine, fit_affine, fit_rigid
-from exaconnect.align.flow import grid_points, grid_shape, sample_field
+from exaconnect.align.flow import grid_points, sample_field
 
 
 @dataclass(frozen=True)
-class MeshConfig:
+class SpringMeshConfig:
     stride: int = 40
     # Ratio of in-plane stiffness to the stiffness of a spring to a valid target. Around 1 the
     # mesh follows distortions a few nodes wide and averages flow noise over ~3x3 nodes.
@@ -83,8 +84,8 @@ class MeshConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MeshConfig":
-        return cls(**data)
+    def from_dict(cls, data: dict) -> "SpringMeshConfig":
+        return load_dataclass(cls, data, "align.mesh")
 
 
 def identity_mesh(section_shape: tuple[int, int], stride: int) -> np.ndarray:
@@ -105,7 +106,7 @@ def _laplacian(shape: tuple[int, int]) -> sp.csr_matrix:
     return (sp.diags(degree) - adjacency).tocsr()
 
 
-def relax_mesh(rest: np.ndarray, targets: np.ndarray, weights: np.ndarray, config: MeshConfig) -> np.ndarray:
+def relax_mesh(rest: np.ndarray, targets: np.ndarray, weights: np.ndarray, config: SpringMeshConfig) -> np.ndarray:
     """Equilibrium node positions [gy, gx, 2] for springs to `targets` (weights in [0, 1]) and
     in-plane springs around the best affine map of `rest` (output node coordinates) to targets."""
     shape = rest.shape[:2]
@@ -151,7 +152,7 @@ class SectionFlow:
 
 
 def solve_block(flows: dict[int, SectionFlow], z_start: int, z_stop: int, section_shape: tuple[int, int],
-                config: MeshConfig) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+                config: SpringMeshConfig) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Meshes of sections z_start..z_stop-1 in the frame of section z_start (identity there).
 
     A section without a usable flow keeps the mesh of the last solved section, so one bad
@@ -190,7 +191,7 @@ def solve_block(flows: dict[int, SectionFlow], z_start: int, z_stop: int, sectio
     return meshes, notes
 
 
-def block_ranges(num_sections: int, config: MeshConfig, references: dict[int, int] | None = None,
+def block_ranges(num_sections: int, config: SpringMeshConfig, references: dict[int, int] | None = None,
                  statuses: dict[int, str] | None = None) -> list[tuple[int, int]]:
     """[start, stop) of each block; every block after the first starts `block_overlap`
     sections before the previous one ends.
@@ -284,10 +285,6 @@ def detrend_meshes(meshes: dict[int, np.ndarray], identity: np.ndarray, usable: 
     return {z: compose(identity - (mean + (z - zs.mean()) * slope), m, stride) for z, m in meshes.items()}
 
 
-def mesh_domain(section_shape: tuple[int, int], stride: int) -> tuple[int, int]:
-    return grid_shape(section_shape, stride)
-
-
 def local_linear_weights(targets: np.ndarray, sources: np.ndarray, sigma: float) -> np.ndarray:
     """Rows of a local-linear Gaussian smoother: value at each target z = the intercept of a
     weighted least-squares line through the source values (weights exp(-dz^2 / 2 sigma^2)).
@@ -317,8 +314,8 @@ def input_misalignment(meshes: dict[int, np.ndarray], identity: np.ndarray, usab
     return float(np.sqrt(np.mean(second**2) / 6.0))
 
 
-def drift_window_for(meshes: dict[int, np.ndarray], identity: np.ndarray, usable: list[int], config: MeshConfig) -> float:
-    """The high-pass window (sections) the drift prior uses for this stack (MeshConfig.drift_window)."""
+def drift_window_for(meshes: dict[int, np.ndarray], identity: np.ndarray, usable: list[int], config: SpringMeshConfig) -> float:
+    """The high-pass window (sections) the drift prior uses for this stack (SpringMeshConfig.drift_window)."""
     if config.drift_window > 0:
         return float(config.drift_window)
     window = input_misalignment(meshes, identity, usable) / config.drift_step

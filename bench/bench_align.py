@@ -272,7 +272,7 @@ def main() -> int:
 
     from exaconnect.align.flow import FlowConfig, grid_points
     from exaconnect.align.match import AlignConfig, finalize_meshes, solve_in_memory
-    from exaconnect.align.mesh import MeshConfig
+    from exaconnect.align.mesh import SpringMeshConfig
     from exaconnect.align.perturb import PerturbConfig, misalign_stack
     from exaconnect.align.quality import chunked_correlation, end_point_error, neighbor_end_point_error
     from exaconnect.precomputed.layers import layer_bounds, open_layer, read_box
@@ -285,7 +285,7 @@ def main() -> int:
     n = original.shape[0]
     blank, inverted = n // 4, (2 * n) // 3
     misaligned, truth = misalign_stack(original, PerturbConfig(blank_sections=(blank,), inverted_sections=(inverted,)), args.seed)
-    config = AlignConfig(flow=FlowConfig(patch_size=64, stride=16), mesh=MeshConfig(stride=16, block_size=64, block_overlap=4))
+    config = AlignConfig(flow=FlowConfig(patch_size=64, stride=16), mesh=SpringMeshConfig(stride=16, block_size=64, block_overlap=4))
     shape = original.shape[1:]
     good = [z for z in range(n) if z not in truth.bad_sections]
 

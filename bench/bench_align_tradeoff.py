@@ -49,7 +49,7 @@ def main() -> int:
     import bench_align
     from exaconnect.align.flow import FlowConfig, grid_points
     from exaconnect.align.match import AlignConfig, block_ranges, finalize_meshes, match_section, solve_block
-    from exaconnect.align.mesh import MeshConfig
+    from exaconnect.align.mesh import SpringMeshConfig
     from exaconnect.align.perturb import PerturbConfig, misalign_stack
     from exaconnect.align.quality import neighbor_end_point_error
 
@@ -61,7 +61,7 @@ def main() -> int:
     misaligned, truth = misalign_stack(original, PerturbConfig(blank_sections=(blank,), inverted_sections=(inverted,)),
                                        args.seed)
     # bench_align.py's configuration.
-    config = AlignConfig(flow=FlowConfig(patch_size=64, stride=16), mesh=MeshConfig(stride=16, block_size=64, block_overlap=4))
+    config = AlignConfig(flow=FlowConfig(patch_size=64, stride=16), mesh=SpringMeshConfig(stride=16, block_size=64, block_overlap=4))
     shape = original.shape[1:]
     good = [z for z in range(n) if z not in truth.bad_sections]
 
@@ -71,7 +71,7 @@ def main() -> int:
         return ({z: m.section_flow() for z, m in matches.items()}, {z: m.reference for z, m in matches.items()},
                 {z: m.status for z, m in matches.items()})
 
-    def blocks_of(flows, mesh: MeshConfig):
+    def blocks_of(flows, mesh: SpringMeshConfig):
         flow, references, statuses = flows
         return [(start, solve_block(flow, start, stop, shape, mesh)[0])
                 for start, stop in block_ranges(n, mesh, references, statuses)]

@@ -31,7 +31,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,11 +154,11 @@ def task_totals(config) -> dict:
     """Tasks completed and dead-lettered over every service queue of the run."""
     from exaconnect.services.queue import FailureLedger, queue_status
     from exaconnect.services.runner import service_queue
-    from exaconnect.services.stages import SERVICES
+    from exaconnect.services.stages import services
 
     completed = dead = left = 0
     reasons = []
-    for service in SERVICES:
+    for service in services():
         queue = service_queue(os.path.abspath(config.queue_root), service)
         if not Path(queue).exists():
             continue
@@ -189,8 +188,10 @@ def run_scenario(name: str, root: Path, model: str, shape: int, reference: dict 
                             task_modules=("fault_instrument",))
     stages = plan.stages
     if name == "enqueue-twice":
-        stages = [replace(s, make_tasks=(lambda make=s.make_tasks: (lambda: (lambda t: t + t)(list(make())))()))
-                  for s in stages]
+        # Every stage makes each of its tasks twice (the stages are the plan's own objects, which the
+        # stages below them require, so the shadowing method is the one the runner calls).
+        for stage in stages:
+            object.__setattr__(stage, "make_tasks", lambda make=stage.make_tasks: (lambda t: t + t)(list(make())))
     faults = 0
     chaos = None
     if name in ("sigkill", "sigterm"):
@@ -202,7 +203,7 @@ def run_scenario(name: str, root: Path, model: str, shape: int, reference: dict 
     try:
         if name in ("truncate", "corrupt", "delete"):
             # Run up to the stage whose input is damaged, damage it, then run the rest.
-            cut = "segment.pyramid" if name == "corrupt" else "ingest.image"
+            cut = "pyramid.segmentation" if name == "corrupt" else "ingest.image"
             head = stages[: [s.name for s in stages].index(cut) + 1]
             run_stages(head, options)
             damaged_layer = plan.layers["segmentation"] if name == "corrupt" else plan.layers["image"]

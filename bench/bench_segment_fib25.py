@@ -62,7 +62,7 @@ def forget_stitching(staging: str) -> None:
 
     for folder in ("faces", "equivalence"):
         ArtifactStore(staging).delete_prefix(folder)
-    forget_stages(f"{staging}/run", ["segment.faces", "segment.equivalence", "segment.relabel", "segment.pyramid"])
+    forget_stages(f"{staging}/run", ["segment.faces", "segment.equivalence", "segment.relabel", "pyramid.segmentation"])
 
 
 def main() -> int:

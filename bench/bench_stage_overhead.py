@@ -14,13 +14,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the runner tests' task-list stage
 from common import emit, require_fib25, timed  # noqa: E402
 
 from exaconnect.services.downsample import create_downsample_tasks  # noqa: E402
 from exaconnect.services.ingest import IngestOptions, ingest_now  # noqa: E402
 from exaconnect.services.mesh import create_mesh_forge_tasks  # noqa: E402
 from exaconnect.services.runner import RunnerOptions, run_stages  # noqa: E402
-from exaconnect.services.stages import Stage  # noqa: E402
+from runner_tasks import task_stage  # noqa: E402
 
 
 def run_direct(tasks) -> None:
@@ -32,7 +33,7 @@ def run_direct(tasks) -> None:
 
 def run_queued(queue_root: str, tasks) -> None:
     """Through the runner, as every stage runs: enqueue on a file queue, one in-process worker."""
-    stage = Stage("bench", "mesh", lambda: tasks)
+    stage = task_stage("bench", "mesh", lambda: tasks)
     run_stages([stage], RunnerOptions(queue_root, f"{queue_root}/records", workers=1, progress=False, poll_seconds=0.05))
 
 

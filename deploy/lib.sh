@@ -8,9 +8,16 @@
 #   SIF              the Apptainer image (build: see README "On a cluster")
 #   BINDS            comma-separated host paths bound into the container (Lustre)
 #   DAOS_POOL, DAOS_CONT  mount this DAOS container with dfuse on every node and bind it
-#   MODULES          modules to load (space-separated); MODULE_USE: a folder for `module use`
+#   MODULES          modules to load (space-separated); MODULE_USE: folders for `module use`
+#                    first (space-separated; also before `module load daos`)
 #   WALLTIME         HH:MM:SS (default: the job's, from qstat); STOP_GRACE seconds before
-#                    it the workers get SIGTERM (finish the task, or release it on a second one)
+#                    it the workers get SIGTERM (finish the task); RELEASE_GRACE seconds before
+#                    it a second SIGTERM (give the task back to the queue); SIGKILL 5 s before it
+#   LEDGER_DIR       failure ledgers outside the queues: LEDGER_DIR/SERVICE for each service
+#   STALL_SECONDS    the pipeline job's runner stops a stage whose queue has not moved this long
+#   WORKER_ARGS      more `exaconnect queue work` options (e.g. --task-module LAB_TASKS)
+#   SERVICES         the services the pipeline job's ranks drain (default: `exaconnect services`
+#                    in the image, which includes a lab's stages named in EXACONNECT_PLUGINS)
 
 exa_die() { echo "exaconnect job: error: $*" >&2; exit 2; }
 exa_log() { echo "exaconnect job: $*" >&2; }
@@ -31,13 +38,15 @@ exa_setup() {
   NNODES=$(sort -u "$PBS_NODEFILE" | wc -l)
   EXA_START=$(date +%s)
 
-  if [[ -n "${MODULES:-}" ]]; then
+  if [[ -n "${MODULES:-}" || -n "${DAOS_POOL:-}" ]]; then
     if ! type module >/dev/null 2>&1 && [[ -r /usr/share/lmod/lmod/init/bash ]]; then
       # shellcheck disable=SC1091  # the site's Lmod
       . /usr/share/lmod/lmod/init/bash
     fi
+  fi
+  if [[ -n "${MODULES:-}" ]]; then
     type module >/dev/null 2>&1 || exa_die "MODULES=$MODULES but the module command is not available"
-    if [[ -n "${MODULE_USE:-}" ]]; then module use "$MODULE_USE"; fi
+    exa_module_use
     local m
     for m in $MODULES; do module load "$m"; done
   fi
@@ -48,13 +57,21 @@ exa_setup() {
   EXA_BINDS=${BINDS:-}
   if [[ -n "${DAOS_POOL:-}" || -n "${DAOS_CONT:-}" ]]; then
     [[ -n "${DAOS_POOL:-}" && -n "${DAOS_CONT:-}" ]] || exa_die "set both DAOS_POOL and DAOS_CONT"
-    if type module >/dev/null 2>&1; then module load daos; fi
-    command -v launch-dfuse.sh >/dev/null || exa_die "launch-dfuse.sh not found (module load daos; qsub -l daos=daos_user)"
+    if type module >/dev/null 2>&1; then exa_module_use; module load daos; fi
+    command -v launch-dfuse.sh >/dev/null || exa_die "launch-dfuse.sh not found (module use /soft/modulefiles; module load daos; and submit with qsub -l filesystems=flare:daos_user)"
     launch-dfuse.sh "${DAOS_POOL}:${DAOS_CONT}"   # mounts /tmp/POOL/CONT on every node of the job
     trap 'clean-dfuse.sh "${DAOS_POOL}:${DAOS_CONT}" || true' EXIT
     EXA_BINDS="${EXA_BINDS:+$EXA_BINDS,}/tmp/${DAOS_POOL}/${DAOS_CONT}"
   fi
   export ACCEL CPU_BIND_LIST TILES_PER_GPU GPUS_PER_NODE
+}
+
+EXA_MODULE_USED=
+exa_module_use() {  # `module use` each folder of MODULE_USE, once
+  [[ -z "$EXA_MODULE_USED" ]] || return 0
+  EXA_MODULE_USED=1
+  local folder
+  for folder in ${MODULE_USE:-}; do module use "$folder"; done
 }
 
 exa_container() {  # the command line that runs "$@" inside the image
@@ -72,19 +89,47 @@ exa_time_limit() {  # seconds the launcher may run before the workers are told t
   fi
   [[ -n "$walltime" ]] || return 0
   local left=$(( $(exa_seconds "$walltime") - ($(date +%s) - EXA_START) - ${STOP_GRACE:-300} ))
-  (( left > 60 )) || left=60
+  if (( left < 60 )); then exa_log "warning: only ${left}s before STOP_GRACE=${STOP_GRACE:-300}s ahead of the walltime $walltime"; fi
+  (( left > 1 )) || left=1
   echo "$left"
 }
 
+exa_watchdog() {  # exa_watchdog PID FIRST SECOND LAST: SIGTERM to PID after FIRST s (finish the
+  # task), again SECOND s later (release it), SIGKILL LAST s after that; touches $EXA_STOPPED
+  local pid=$1 nap=
+  trap 'if [[ -n "$nap" ]]; then kill "$nap" 2>/dev/null; fi; exit 0' TERM
+  exa_nap() { sleep "$1" >/dev/null 2>&1 & nap=$!; wait "$nap" || true; nap=; }
+  exa_nap "$2"
+  kill -0 "$pid" 2>/dev/null || return 0
+  : > "$EXA_STOPPED"
+  exa_log "walltime: SIGTERM to the workers (each finishes its task, then exits)"
+  kill -TERM "$pid" 2>/dev/null || return 0
+  exa_nap "$3"
+  kill -0 "$pid" 2>/dev/null || return 0
+  exa_log "walltime: second SIGTERM (the workers give their tasks back to the queue)"
+  kill -TERM "$pid" 2>/dev/null || return 0
+  exa_nap "$4"
+  kill -0 "$pid" 2>/dev/null || return 0
+  exa_log "walltime: SIGKILL (their leases run out by themselves)"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
 exa_run() {  # runs "$@" (the launcher), stops it before the walltime, forwards SIGTERM/SIGINT
-  local limit rc=0
+  local limit rc=0 watchdog=
   limit=$(exa_time_limit)
-  if [[ -n "$limit" ]]; then
-    exa_log "workers get SIGTERM after ${limit}s (STOP_GRACE=${STOP_GRACE:-300}s before the walltime)"
-    set -- timeout --signal=TERM --kill-after="${STOP_GRACE:-300}" "$limit" "$@"
-  fi
+  EXA_STOPPED=$(mktemp "${TMPDIR:-/tmp}/exaconnect-stopped.XXXXXX")
+  rm -f "$EXA_STOPPED"
   "$@" &
   EXA_LAUNCHER=$!
+  if [[ -n "$limit" ]]; then
+    local grace=${STOP_GRACE:-300} release=${RELEASE_GRACE:-60}
+    (( release + 5 < grace )) || release=$(( grace / 2 ))
+    local last=$(( release > 10 ? 5 : release / 2 ))
+    exa_log "workers get SIGTERM after ${limit}s (STOP_GRACE=${grace}s before the walltime), a second one" \
+            "$((grace - release))s later (RELEASE_GRACE=${release}s before it), SIGKILL $((release - last))s after that"
+    exa_watchdog "$EXA_LAUNCHER" "$limit" "$((grace - release))" "$((release - last))" &
+    watchdog=$!
+  fi
   trap 'exa_log "SIGTERM: forwarding to the workers (a second one releases their tasks)"; kill -TERM "$EXA_LAUNCHER" 2>/dev/null || true' TERM
   trap 'kill -INT "$EXA_LAUNCHER" 2>/dev/null || true' INT
   while :; do
@@ -92,7 +137,12 @@ exa_run() {  # runs "$@" (the launcher), stops it before the walltime, forwards 
     kill -0 "$EXA_LAUNCHER" 2>/dev/null || break
   done
   trap - TERM INT
-  if (( rc == 124 )); then exa_log "stopped before the walltime; unfinished tasks stay on the queue"; fi
+  if [[ -n "$watchdog" ]]; then kill -TERM "$watchdog" 2>/dev/null || true; wait "$watchdog" 2>/dev/null || true; fi
+  if [[ -e "$EXA_STOPPED" ]]; then
+    rm -f "$EXA_STOPPED"
+    exa_log "stopped before the walltime; unfinished tasks stay on the queue (resubmit the job)"
+    return 124
+  fi
   return "$rc"
 }
 
@@ -119,11 +169,27 @@ exa_service_queue() {  # the queue of service $2 under queue root $1 (as service
   esac
 }
 
+exa_queue_service() {  # the service a queue belongs to: $SERVICE, or the queue's last name part
+  if [[ -n "${SERVICE:-}" ]]; then echo "$SERVICE"; return; fi
+  local name=${1%/}
+  name=${name##*/}
+  case "$1" in
+    sqs://*|https://*|http://*) name=${name##*-} ;;
+  esac
+  echo "$name"
+}
+
 exa_worker_args() {  # the worker's options for queue $1 (one process per rank)
   EXA_WORKER=(exaconnect queue work "$1" --processes 1 --lease-seconds "${LEASE_SECONDS:-1800}"
               --max-attempts "${MAX_ATTEMPTS:-3}" --create-queue --device "${DEVICE:-auto}")
-  if [[ -n "${LEDGER_DIR:-}" ]]; then EXA_WORKER+=(--ledger-dir "$LEDGER_DIR"); fi
+  # one ledger per service, as the pipeline job and the Helm chart keep them (LEDGER_DIR/SERVICE)
+  if [[ -n "${LEDGER_DIR:-}" ]]; then EXA_WORKER+=(--ledger-dir "${LEDGER_DIR%/}/$(exa_queue_service "$1")"); fi
   if [[ "${EXIT_WHEN_EMPTY:-1}" == 1 ]]; then EXA_WORKER+=(--exit-when-empty); fi
+  if [[ -n "${WORKER_ARGS:-}" ]]; then
+    local -a extra
+    read -r -a extra <<< "$WORKER_ARGS"
+    EXA_WORKER+=("${extra[@]}")
+  fi
 }
 
 # ---------------------------------------------------------------- the three jobs
@@ -135,24 +201,56 @@ exa_workers_job() {  # one worker per accelerator on every node, all on $QUEUE
   exa_launch "$WORKERS_PER_NODE" "${EXA_WORKER[@]}"
 }
 
+exa_services() {  # SERVICES, unless set: the registry's list (ours, and a lab's stages in EXACONNECT_PLUGINS)
+  [[ -z "${SERVICES:-}" ]] || return 0
+  exa_container exaconnect services
+  SERVICES=$("${EXA_CONTAINER[@]}" | tr '\n' ' ') || exa_die "cannot list the services: ${EXA_CONTAINER[*]}"
+  [[ -n "${SERVICES// /}" ]] || exa_die "exaconnect services printed no service (${EXA_CONTAINER[*]})"
+}
+
 exa_pipeline_job() {  # the runner on the first node, workers for every service on every rank
   : "${PIPELINE:?set PIPELINE=path/to/pipeline.yaml}"
   : "${QUEUE_ROOT:?set QUEUE_ROOT=fq:///path/on/lustre/queues}"
   exa_setup
-  SERVICES=${SERVICES:-ingest align segment downsample mesh skeletonize evaluate train}
+  exa_services
   EXA_STOP_FILE=${EXA_STOP_FILE:-$PWD/.exaconnect-pipeline-${PBS_JOBID:-$$}.done}
   rm -f "$EXA_STOP_FILE"
-  exa_container exaconnect run "$PIPELINE" --queue-root "$QUEUE_ROOT" --workers 0
+  local -a run=(exaconnect run "$PIPELINE" --queue-root "$QUEUE_ROOT" --workers 0
+                --stall-seconds "${STALL_SECONDS:-7200}")
+  if [[ -n "${LEDGER_DIR:-}" ]]; then run+=(--ledger-dir "$LEDGER_DIR"); fi
+  if [[ -n "${OUTPUT:-}" ]]; then run+=(--output "$OUTPUT"); fi
+  exa_container "${run[@]}"
   exa_log "runner: ${EXA_CONTAINER[*]}"
-  { local rc=0; "${EXA_CONTAINER[@]}" || rc=$?; echo "$rc" > "$EXA_STOP_FILE"; } &
-  local runner=$!
-  export SIF EXA_BINDS APPTAINER_FLAGS QUEUE_ROOT SERVICES EXA_STOP_FILE LEASE_SECONDS MAX_ATTEMPTS LEDGER_DIR DEVICE POLL_SECONDS
-  exa_mpiexec "$WORKERS_PER_NODE" "$EXACONNECT_HOME/deploy/worker-loop.sh" || true
+  {
+    trap 'kill -TERM "$child" 2>/dev/null || true' TERM
+    rc=0
+    "${EXA_CONTAINER[@]}" &
+    child=$!
+    while :; do
+      wait "$child" && rc=0 || rc=$?
+      kill -0 "$child" 2>/dev/null || break
+    done
+    echo "$rc" > "$EXA_STOP_FILE"
+  } &
+  local runner=$! workers_rc=0
+  export SIF EXA_BINDS APPTAINER_FLAGS QUEUE_ROOT SERVICES EXA_STOP_FILE LEASE_SECONDS MAX_ATTEMPTS LEDGER_DIR DEVICE \
+    POLL_SECONDS WORKER_ARGS
+  exa_mpiexec "$WORKERS_PER_NODE" "$EXACONNECT_HOME/deploy/worker-loop.sh" || workers_rc=$?
+  if [[ ! -e "$EXA_STOP_FILE" ]]; then
+    # the workers were stopped (walltime, qdel): the runner would wait for them forever; its
+    # stages resume in the next job without redoing finished tasks
+    exa_log "workers stopped before the runner finished (exit code $workers_rc): stopping the runner"
+    kill -TERM "$runner" 2>/dev/null || true
+  fi
   wait "$runner" || true
   local rc
   rc=$(cat "$EXA_STOP_FILE" 2>/dev/null || echo 1)
   rm -f "$EXA_STOP_FILE"
   exa_log "runner finished with exit code $rc"
+  if (( workers_rc == 124 )); then
+    exa_log "stopped before the walltime: resubmit the job to resume (finished stages and tasks are kept)"
+    return 124
+  fi
   return "$rc"
 }
 

@@ -6,14 +6,16 @@
 #   deploy/submit.sh PIPELINE.yaml --queue-root fq:///lus/flare/projects/PROJ/queues \
 #       --sif /lus/flare/projects/PROJ/exaconnect-xpu.sif --account PROJ [--nodes 8] [--walltime 06:00:00]
 #       [--train TRAIN.yaml --train-nodes 4 --train-walltime 06:00:00] [--platform aurora|polaris]
-#       [--ledger-dir /lus/.../ledger] [--queue prod] [--dry-run]
+#       [--ledger-dir /lus/.../ledger] [--queue prod] [-l RESOURCE ...] [--dry-run]
+#   -l RESOURCE goes to every qsub (repeatable), e.g. -l filesystems=flare:daos_user for DAOS.
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 die() { echo "submit.sh: error: $*" >&2; exit 2; }
 
 platform=aurora nodes=2 walltime=06:00:00 train="" train_nodes=2 train_walltime=06:00:00
 account=${PBS_ACCOUNT:-} pbs_queue=prod queue_root="" sif="" ledger_dir="" dry_run=0 pipeline=""
+resources=()
 while (( $# )); do
   case "$1" in
     --platform) platform=$2; shift 2 ;;
@@ -27,6 +29,9 @@ while (( $# )); do
     --queue-root) queue_root=$2; shift 2 ;;
     --sif) sif=$2; shift 2 ;;
     --ledger-dir) ledger_dir=$2; shift 2 ;;
+    -l) [[ $# -ge 2 && "$2" == *=* ]] || die "-l needs RESOURCE=VALUE (e.g. -l filesystems=flare:daos_user)"
+        resources+=(-l "$2"); shift 2 ;;
+    -l*=*) resources+=(-l "${1#-l}"); shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage ;;
     -*) die "unknown option $1" ;;
@@ -52,7 +57,7 @@ submit() {  # submit NAME QSUB-ARGS... ; prints the job id
   qsub "$@"
 }
 
-common=(-A "$account" -q "$pbs_queue")
+common=(-A "$account" -q "$pbs_queue" "${resources[@]}")
 vars="EXACONNECT_HOME=$home,SIF=$sif"
 if [[ -n "$ledger_dir" ]]; then vars="$vars,LEDGER_DIR=$ledger_dir"; fi
 depend=()

@@ -2,10 +2,10 @@
 # One rank of a pipeline job (deploy/*/pipeline.pbs): until the runner has finished (it writes
 # $EXA_STOP_FILE), drain every service queue under $QUEUE_ROOT in turn with one worker in the
 # container, then poll again. SIGTERM is passed to the running worker (a second one releases its
-# task) and ends the loop.
+# task) and ends the loop. WORKER_ARGS: more `queue work` options (e.g. --task-module LAB_TASKS).
 set -euo pipefail
 : "${SIF:?}" "${QUEUE_ROOT:?}" "${EXA_STOP_FILE:?}"
-SERVICES=${SERVICES:-ingest align segment downsample mesh skeletonize evaluate train}
+: "${SERVICES:?set by the pipeline job (exaconnect services: every registered stage's service)}"
 stopping=0
 child=
 on_term() {
@@ -31,6 +31,7 @@ while (( ! stopping )) && [[ ! -e "$EXA_STOP_FILE" ]]; do
     worker=(exaconnect queue work "$(queue_of "$service")" --processes 1 --exit-when-empty --create-queue
             --lease-seconds "${LEASE_SECONDS:-1800}" --max-attempts "${MAX_ATTEMPTS:-3}" --device "${DEVICE:-auto}")
     if [[ -n "${LEDGER_DIR:-}" ]]; then worker+=(--ledger-dir "$LEDGER_DIR/$service"); fi
+    if [[ -n "${WORKER_ARGS:-}" ]]; then read -r -a extra <<< "$WORKER_ARGS"; worker+=("${extra[@]}"); fi
     apptainer exec "${flags[@]}" "$SIF" "${worker[@]}" &
     child=$!
     while :; do
@@ -39,5 +40,11 @@ while (( ! stopping )) && [[ ! -e "$EXA_STOP_FILE" ]]; do
     done
     child=
   done
-  [[ -e "$EXA_STOP_FILE" ]] || sleep "${POLL_SECONDS:-15}"
+  if (( ! stopping )) && [[ ! -e "$EXA_STOP_FILE" ]]; then
+    sleep "${POLL_SECONDS:-15}" &   # in the background, so SIGTERM ends the wait at once
+    child=$!
+    wait "$child" || true
+    kill "$child" 2>/dev/null || true
+    child=
+  fi
 done

@@ -63,128 +63,203 @@ def _synthetic_source(config: PipelineConfig, output: str) -> tuple[str, str]:
 
 
 def build_plan(config: PipelineConfig) -> PipelinePlan:
-    """Every stage of the run, in dependency order; nothing is written here except the
-    synthetic sample's source files."""
-    from exaconnect.precomputed.bbox import Box
-    from exaconnect.precomputed.stitching import MatchOptions
-    from exaconnect.services.downsample import downsample_stage
-    from exaconnect.services.ingest import IngestOptions, ingest_stage
-    from exaconnect.services.mesh import mesh_stages
-    from exaconnect.services.segment_run import SegmentPlan, segment_stages
-    from exaconnect.services.segment_staging import PassSpec
-    from exaconnect.services.skeletonize import skeleton_stages
-    from exaconnect.services.stages import Stage
+    """Every stage of the run: each section of the pipeline file, ours and a lab's
+    (`PipelineSection`), plans its stages in order on a shared context that carries the layers
+    made so far and the stage producing each. Nothing is written here except the synthetic
+    sample's source files."""
+    from exaconnect.services.stages import PlanContext, plugin_sections
 
-    output = _output_url(config)
-    plan = PipelinePlan(config, output)
-    stages = plan.stages
+    context = PlanContext(_output_url(config))
+    sections: list[tuple[float, str, object, object]] = [
+        (order, key, plan, config) for order, key, plan in BUILTIN_SECTIONS]
+    for key, section in plugin_sections().items():
+        sections.append((section.order, key, section.plan, config.plugins.get(key)))
+    for order, key, plan, section_config in sorted(sections, key=lambda item: item[0]):
+        if section_config is None:
+            continue
+        if getattr(section_config, "enabled", True) is False:
+            continue
+        plan(section_config, context)
+    plan = PipelinePlan(config, context.output, context.stages, dict(context.layers))
+    plan.scores_key = context.extras.get("scores_key")
+    plan.alignment_layer = context.extras.get("alignment_layer")
+    return plan
 
-    def layer(name: str) -> str:
-        return f"{output}/{name}"
+
+def _existing_layer(source: str) -> str | None:
+    """`precomputed://PATH_OR_URL`: an existing layer, by its one normalised name."""
+    from exaconnect.precomputed.layers import layer_url
+
+    return layer_url(source[len(LAYER_PREFIX):]) if source.startswith(LAYER_PREFIX) else None
+
+
+def _plan_source(config: PipelineConfig, context) -> None:
+    """The image (and ground-truth labels, if any) ingested, or existing layers taken as they are."""
+    from exaconnect.services.ingest import IngestOptions, IngestStage
 
     source = config.source
     image_src, labels_src = source.image, source.groundtruth
     if image_src == "synthetic":
-        image_src, synthetic_labels = _synthetic_source(config, output)
+        image_src, synthetic_labels = _synthetic_source(config, context.output)
         labels_src = labels_src or synthetic_labels
-
-    # ---- ingest (or an existing layer)
-    image_requires: tuple[str, ...] = ()
-    if image_src.startswith(LAYER_PREFIX):
-        image = image_src[len(LAYER_PREFIX):]
+    if (existing := _existing_layer(image_src)) is not None:
+        context.publish("image", existing, None)
     else:
-        image = layer("image")
         options = IngestOptions("image", source.resolution, config.ingest.voxel_offset, config.ingest.chunk_size,
                                 config.ingest.encoding, overwrite=True)
-        stages.append(ingest_stage(image_src, image, options, name="ingest.image"))
-        image_requires = ("ingest.image",)
-    groundtruth, gt_requires = None, ()
+        stage = IngestStage(src=image_src, dest=context.layer("image"), options=options, name="ingest.image")
+        context.add(stage)
+        context.publish("image", stage.dest, stage)
     if labels_src:
-        if labels_src.startswith(LAYER_PREFIX):
-            groundtruth = labels_src[len(LAYER_PREFIX):]
+        if (existing := _existing_layer(labels_src)) is not None:
+            context.publish("groundtruth", existing, None)
         else:
-            groundtruth = layer("groundtruth")
             options = IngestOptions("segmentation", source.resolution, config.ingest.voxel_offset,
                                     config.ingest.chunk_size, overwrite=True)
-            stages.append(ingest_stage(labels_src, groundtruth, options, name="ingest.groundtruth"))
-            gt_requires = ("ingest.groundtruth",)
-    plan.layers["image"] = image
-    if groundtruth:
-        plan.layers["groundtruth"] = groundtruth
+            stage = IngestStage(src=labels_src, dest=context.layer("groundtruth"), options=options,
+                                name="ingest.groundtruth")
+            context.add(stage)
+            context.publish("groundtruth", stage.dest, stage)
 
-    # ---- misalign on purpose (demo / aligner testing), then align
-    if config.misalign.enabled:
-        from exaconnect.services.perturb import create_misalign_tasks
 
-        m = config.misalign
-        options = {"max_translation": m.max_translation, "max_rotation_degrees": m.max_rotation_degrees,
-                   "max_elastic": m.max_elastic, "blank_sections": list(m.blank_sections)}
-        misaligned = layer("misaligned")
-        misaligned_gt = layer("misaligned_groundtruth") if groundtruth else None
-        stages.append(Stage("misalign", "align",
-                            lambda src=image, labels=groundtruth: create_misalign_tasks(src, misaligned, options, m.seed,
-                                                                                       labels, misaligned_gt),
-                            image_requires + gt_requires, reads=(image,) + ((groundtruth,) if groundtruth else ()),
-                            writes=(misaligned,) + ((misaligned_gt,) if misaligned_gt else ()),
-                            parameters={"options": options, "seed": m.seed}, description="misalign on purpose"))
-        image, image_requires = misaligned, ("misalign",)
-        plan.layers["misaligned"] = misaligned
-        if groundtruth:
-            groundtruth, gt_requires = misaligned_gt, ("misalign",)
-    if config.align.enabled:
-        from exaconnect.services.align import align_stages, create_align_apply_tasks
+def _plan_misalign(config: PipelineConfig, context) -> None:
+    """The stack misaligned on purpose (the demo; testing an aligner), its labels moved with it."""
+    from exaconnect.services.perturb import MisalignStage
 
-        aligned = layer("aligned")
-        align_config = _align_config(image, dict(config.align.set))
-        stages.extend(align_stages(image, aligned, align_config, requires=image_requires))
-        plan.alignment_layer = aligned
-        if groundtruth:
-            gt_in, aligned_gt = groundtruth, layer("aligned_groundtruth")
-            stages.append(Stage("align.apply-groundtruth", "align",
-                                lambda: create_align_apply_tasks(gt_in, aligned_gt, aligned, order=0),
-                                ("align.compose",) + gt_requires, reads=(gt_in, aligned), writes=(aligned_gt,),
-                                parameters={"src": gt_in, "alignment": aligned}, description="labels through the alignment"))
-            groundtruth, gt_requires = aligned_gt, ("align.apply-groundtruth",)
-            plan.layers["groundtruth"] = groundtruth
-        image, image_requires = aligned, ("align.render",)
-        plan.layers["aligned"] = aligned
+    m = config.misalign
+    options = {"max_translation": m.max_translation, "max_rotation_degrees": m.max_rotation_degrees,
+               "max_elastic": m.max_elastic, "blank_sections": list(m.blank_sections)}
+    has_labels = "groundtruth" in context.layers
+    stage = MisalignStage(src=context.layers["image"], dest=context.layer("misaligned"), options=options, seed=m.seed,
+                          labels_src=context.layers.get("groundtruth"),
+                          labels_dest=context.layer("misaligned_groundtruth") if has_labels else None,
+                          upstream=context.requires("image", "groundtruth"))
+    context.add(stage)
+    context.publish("image", stage.dest, stage)
+    context.layers["misaligned"] = stage.dest
+    if has_labels:
+        context.publish("groundtruth", stage.labels_dest, stage)
 
-    # ---- image pyramid (of what is segmented and viewed)
-    stages.append(downsample_stage(image, "pyramid.image", image_requires, num_mips=config.pyramid.num_mips,
-                                   factor=config.pyramid.factor))
 
-    # ---- segmentation
-    segmentation = None
-    if config.segment.enabled:
-        seg = config.segment
-        model, model_requires = seg.model, ()
-        if model == "demo":
-            model, model_requires = _demo_model_stage(config, output, stages)
-        passes = tuple(PassSpec(p.name, p.model or model, {**dict(seg.inference), **dict(p.inference)}, p.seed_order,
-                                p.consensus_with, p.consensus_min_size) for p in seg.passes)
-        segmentation = layer("segmentation")
-        segment_plan = SegmentPlan(image, segmentation, passes, seg.subvolume, seg.overlap,
-                                   Box.from_list(list(seg.bbox)) if seg.bbox else None, None,
-                                   MatchOptions(seg.min_overlap_voxels, seg.min_fraction),
-                                   downsample_mips=config.pyramid.num_mips, overwrite=True)
-        stages.extend(segment_stages(segment_plan, requires=image_requires + model_requires))
-        plan.layers["segmentation"] = segmentation
-        seg_requires = ("segment.pyramid",) if config.pyramid.num_mips > 0 else ("segment.relabel",)
-        if config.mesh.enabled:
-            stages.extend(mesh_stages(segmentation, seg_requires, shape=config.mesh.shape,
-                                      simplification_error=config.mesh.simplification_error))
-        if config.skeletons.enabled:
-            k = config.skeletons
-            stages.extend(skeleton_stages(segmentation, seg_requires, shape=k.shape, scale=k.scale, const=k.const,
-                                          dust_threshold=k.dust_threshold))
-        if config.evaluate.enabled and groundtruth:
-            from exaconnect.services.evaluate import evaluate_stage
+def _plan_align(config: PipelineConfig, context) -> None:
+    """The stack aligned (flow, spring meshes, compose, render, report); labels through the same."""
+    from exaconnect.services.align import AlignApply, align_stages
 
-            plan.scores_key = "evaluate/segmentation.json"
-            stages.append(evaluate_stage(segmentation, groundtruth, f"{output}/pipeline", plan.scores_key,
-                                         seg_requires + gt_requires,
-                                         Box.from_list(list(seg.bbox)) if seg.bbox else None))
-    return plan
+    aligned = context.layer("aligned")
+    steps = align_stages(context.layers["image"], aligned, _align_config(context.layers["image"], dict(config.align.set)),
+                         upstream=context.requires("image"))
+    context.add(*steps)
+    compose = next(s for s in steps if s.step == "compose")
+    render = next(s for s in steps if s.step == "render")
+    context.extras["alignment_layer"] = aligned
+    if "groundtruth" in context.layers:
+        apply = AlignApply(src=context.layers["groundtruth"], dest=context.layer("aligned_groundtruth"), alignment=aligned,
+                           order=0, upstream=(compose,) + context.requires("groundtruth"),
+                           name="align.apply-groundtruth")
+        context.add(apply)
+        context.publish("groundtruth", apply.dest, apply)
+    context.publish("image", aligned, render)
+    context.layers["aligned"] = aligned
+
+
+def _plan_pyramid(config: PipelineConfig, context) -> None:
+    """The image pyramid of what is segmented and viewed."""
+    from exaconnect.services.downsample import DownsampleStage
+
+    stage = DownsampleStage(layer=context.layers["image"], num_mips=config.pyramid.num_mips,
+                            factor=config.pyramid.factor, upstream=context.requires("image"), name="pyramid.image")
+    context.add(stage)
+    # What reads the image afterwards needs its mip 0 only: the pyramid is not a requirement.
+
+
+def _plan_segment(config: PipelineConfig, context) -> None:
+    """FFN passes over the volume, stitched into one segmentation layer (and its pyramid)."""
+    from exaconnect.precomputed.bbox import Box
+    from exaconnect.precomputed.stitching import MatchOptions
+    from exaconnect.services.segment_run import SegmentPlan, segment_stages
+    from exaconnect.services.segment_staging import PassSpec
+
+    seg = config.segment
+    model, model_stages = seg.model, ()
+    if model == "demo":
+        demo = _demo_model_stage(config, context.output)
+        context.add(demo)
+        model, model_stages = os.path.join(demo.out_dir, _model_dir()), (demo,)
+    passes = tuple(PassSpec(p.name, p.model or model, {**dict(seg.inference), **dict(p.inference)}, p.seed_order,
+                            p.consensus_with, p.consensus_min_size) for p in seg.passes)
+    segmentation = context.layer("segmentation")
+    segment_plan = SegmentPlan(context.layers["image"], segmentation, passes, seg.subvolume, seg.overlap,
+                               Box.from_list(list(seg.bbox)) if seg.bbox else None, None,
+                               MatchOptions(seg.min_overlap_voxels, seg.min_fraction),
+                               downsample_mips=config.pyramid.num_mips, overwrite=True)
+    stages = segment_stages(segment_plan, upstream=context.requires("image") + model_stages)
+    context.add(*stages)
+    # What reads the segmentation (meshes at lower mips, skeletons, scores) waits for its pyramid.
+    context.publish("segmentation", segmentation, stages[-1])
+
+
+def _plan_mesh(config: PipelineConfig, context) -> None:
+    from exaconnect.services.mesh import MeshForge, mesh_stages
+
+    if "segmentation" not in context.layers:
+        return
+    context.add(*mesh_stages(MeshForge(layer=context.layers["segmentation"], shape=config.mesh.shape,
+                                       simplification_error=config.mesh.simplification_error,
+                                       upstream=context.requires("segmentation"))))
+
+
+def _plan_skeletons(config: PipelineConfig, context) -> None:
+    from exaconnect.services.skeleton import SkeletonForge, skeleton_stages
+
+    if "segmentation" not in context.layers:
+        return
+    k = config.skeletons
+    context.add(*skeleton_stages(SkeletonForge(layer=context.layers["segmentation"], shape=k.shape, scale=k.scale,
+                                               const=k.const, dust_threshold=k.dust_threshold,
+                                               upstream=context.requires("segmentation"))))
+
+
+def _plan_evaluate(config: PipelineConfig, context) -> None:
+    from exaconnect.precomputed.bbox import Box
+    from exaconnect.services.evaluate import EvaluateStage
+
+    if "segmentation" not in context.layers or "groundtruth" not in context.layers:
+        return
+    key = "evaluate/segmentation.json"
+    context.extras["scores_key"] = key
+    bbox = config.segment.bbox
+    e = config.evaluate
+    kimimaro = ({"scale": e.kimimaro_scale, "const": e.kimimaro_const, "dust_threshold": e.kimimaro_dust_threshold,
+                 "anisotropy": list(config.source.resolution)} if e.skeleton_metrics else None)
+    context.add(EvaluateStage(segmentation=context.layers["segmentation"], groundtruth=context.layers["groundtruth"],
+                              store=f"{context.output}/pipeline", key=key,
+                              bbox=Box.from_list(list(bbox)) if bbox else None, kimimaro=kimimaro,
+                              merge_min_nodes=e.merge_min_nodes,
+                              upstream=context.requires("segmentation", "groundtruth")))
+
+
+def _section(key: str, plan):
+    """A built-in section's planner, called with the whole config (the sections read each other's
+    options: the pyramid's mips are the segmentation's too) when `config.KEY.enabled` allows."""
+
+    def planner(config: PipelineConfig, context) -> None:
+        if getattr(getattr(config, key), "enabled", True):
+            plan(config, context)
+
+    return planner
+
+
+# (order, section key, planner): a lab's sections (`PipelineSection.order`) fall between these.
+BUILTIN_SECTIONS = (
+    (10, "source", _section("source", _plan_source)),
+    (20, "misalign", _section("misalign", _plan_misalign)),
+    (30, "align", _section("align", _plan_align)),
+    (40, "pyramid", _section("pyramid", _plan_pyramid)),
+    (50, "segment", _section("segment", _plan_segment)),
+    (60, "mesh", _section("mesh", _plan_mesh)),
+    (70, "skeletons", _section("skeletons", _plan_skeletons)),
+    (80, "evaluate", _section("evaluate", _plan_evaluate)),
+)
 
 
 def _align_config(image: str, sets: dict):
@@ -232,27 +307,25 @@ class _LazyAlignConfig:
         return {"image": self.image, "overrides": self.sections}
 
 
-def _demo_model_stage(config: PipelineConfig, output: str, stages: list) -> tuple[str, tuple[str, ...]]:
-    from exaconnect.ffn.training.demo import demo_config
+def _model_dir() -> str:
+    from exaconnect.ffn.training.loop import MODEL_DIR
+
+    return MODEL_DIR
+
+
+def _demo_model_stage(config: PipelineConfig, output: str):
+    """The small demo FFN, trained into OUTPUT/ffn for a fixed number of steps."""
+    from exaconnect.ffn.training.demo import DEMO_STEPS, demo_config
     from exaconnect.precomputed.layers import local_path
-    from exaconnect.services.stages import Stage
-    from exaconnect.services.train import TrainTask
+    from exaconnect.services.train import TrainDemoModel
 
     root = local_path(output)
     if root is None:
         raise InputError("segment.model demo: the demo model is trained into a local output folder")
     out_dir = os.path.join(root, "ffn")
-    # A fixed number of steps and no time limit: every machine trains the same model.
-    from exaconnect.ffn.training.demo import DEMO_STEPS
-
     steps = config.segment.demo_model_steps or DEMO_STEPS
-    data = demo_config(out_dir, seed=config.source.synthetic_seed, max_steps=steps)
-    stages.append(Stage("train.demo-model", "train", lambda: [TrainTask(json.dumps(data), "demo-model")], (),
-                        writes=(out_dir,), parameters={"config": data}, lease_seconds=3600,
-                        description="the small demo FFN, a fixed number of steps"))
-    from exaconnect.ffn.training.loop import MODEL_DIR
-
-    return os.path.join(out_dir, MODEL_DIR), ("train.demo-model",)
+    return TrainDemoModel(config=demo_config(out_dir, seed=config.source.synthetic_seed, max_steps=steps),
+                          out_dir=out_dir)
 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True, stall_seconds: float | None = None,
@@ -263,10 +336,9 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, stall_seconds: f
     from exaconnect.services.runner import RunnerOptions, run_stages
 
     plan = build_plan(config)
-    record = f"{plan.output}/pipeline"
-    store = ArtifactStore(record)
+    store = ArtifactStore(f"{plan.output}/pipeline")  # the run's config, scores and summary
     store.put_json("config.json", to_mapping(config))
-    options = RunnerOptions(queue_root=_queue_root(config), record=record, workers=config.workers,
+    options = RunnerOptions(queue_root=_queue_root(config), record=run_records(config, plan), workers=config.workers,
                             progress=progress, stall_seconds=stall_seconds, **runner_options)
 
     def after(stage, result):
@@ -282,6 +354,14 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, stall_seconds: f
     summary["links"] = _links(plan, config)
     store.put_json("summary.json", summary)
     return summary
+
+
+def run_records(config: PipelineConfig, plan: PipelinePlan) -> str:
+    """The stage records of this run: beside its queues (QUEUE_ROOT/records), where the stage
+    verbs (`segment run --queue ROOT`, ...) keep theirs, so either resumes the other's work."""
+    from exaconnect.services.stages import records_location
+
+    return records_location(_queue_root(config), fallback=f"{plan.output}/pipeline")
 
 
 def _queue_root(config: PipelineConfig) -> str:
@@ -335,6 +415,10 @@ def print_summary(summary: dict) -> None:
         s = summary["scores"]
         print(f"[run] segmentation vs ground truth: VI {s['vi']:.3f} (split {s['vi_split']:.3f}, merge {s['vi_merge']:.3f}), "
               f"adapted Rand error {s['adapted_rand_error']:.3f}")
+        if "erl" in s:
+            print(f"[run] skeletons: expected run length {s['erl'] / 1000:.3f} um of {s['erl_max'] / 1000:.3f} um possible, "
+                  f"{s['skeleton_merging_segments']} merging segments, {s['skeleton_omitted_length_fraction']:.0%} "
+                  "of the skeleton length unsegmented")
     print("[run] layers:", *summary["layers"].values(), sep="\n  ")
     print("[run] open the link while `exaconnect view` serves the local layers (make view):")
     print(summary["links"].get("short") or summary["links"]["long"])
@@ -345,7 +429,7 @@ def read_plan_status(config: PipelineConfig) -> dict:
     from exaconnect.services.runner import stage_records
 
     plan = build_plan(config)
-    done = stage_records(f"{plan.output}/pipeline")
+    done = stage_records(run_records(config, plan))
     return {s.name: ("done" if s.name in done else "pending") for s in plan.stages}
 
 

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from exaconnect.errors import InputError
+from exaconnect.precomputed.config_loader import load_dataclass, plain
 
 Triple = tuple[int, int, int]
+
+
+def _check_sizes(where: str, values: Any, what: str = "three sizes > 0 (x, y, z voxels)", minimum: int = 1) -> None:
+    """A triple of whole numbers of at least `minimum`, or an InputError naming the key."""
+    values = list(values)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values):
+        raise InputError(f"{where} {values}: expected {what}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,9 @@ class IngestConfig:
     chunk_size: Triple = (64, 64, 64)
     encoding: str | None = None  # raw|jpeg (images); compressed_segmentation|compresso (labels)
     voxel_offset: Triple = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        _check_sizes("ingest.chunk_size", self.chunk_size)
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,10 @@ class PassConfig:
     consensus_min_size: int = 0
     inference: Mapping[str, Any] = field(default_factory=dict)  # per-pass InferenceOptions overrides
 
+    def __post_init__(self) -> None:
+        if not str(self.name).replace("-", "").replace("_", "").isalnum():
+            raise InputError(f"segment.passes name {self.name!r}: expected letters, digits, '-' or '_'")
+
 
 @dataclass(frozen=True)
 class SegmentConfig:
@@ -88,11 +102,28 @@ class SegmentConfig:
     min_fraction: float = 0.5
     demo_model_steps: int | None = None  # None: the demo's own fixed number (ffn/training/demo.py DEMO_STEPS)
 
+    def __post_init__(self) -> None:
+        _check_sizes("segment.subvolume", self.subvolume,
+                     "three sizes > 0 (x, y, z voxels per FFN task, a multiple of the chunk size)")
+        _check_sizes("segment.overlap", self.overlap, "three margins >= 0 (x, y, z voxels)", minimum=0)
+        if self.bbox is not None:
+            box = list(self.bbox)
+            if len(box) != 6 or not all(isinstance(v, int) for v in box) or \
+                    not all(box[i] < box[i + 3] for i in range(3)):
+                raise InputError(f"segment.bbox {box}: expected x0,y0,z0,x1,y1,z1 with each start below its stop")
+        if self.demo_model_steps is not None and self.demo_model_steps < 1:
+            raise InputError(f"segment.demo_model_steps {self.demo_model_steps}: expected at least 1")
+
 
 @dataclass(frozen=True)
 class PyramidConfig:
     num_mips: int = 2
     factor: Triple = (2, 2, 2)
+
+    def __post_init__(self) -> None:
+        if self.num_mips < 0:
+            raise InputError(f"pyramid.num_mips {self.num_mips}: expected 0 or more")
+        _check_sizes("pyramid.factor", self.factor, "three downsampling factors >= 1 (x, y, z)")
 
 
 @dataclass(frozen=True)
@@ -100,6 +131,9 @@ class MeshConfig:
     enabled: bool = True
     shape: Triple = (256, 256, 256)
     simplification_error: float = 40.0
+
+    def __post_init__(self) -> None:
+        _check_sizes("mesh.shape", self.shape, "three sizes > 0 (x, y, z voxels per mesh task)")
 
 
 @dataclass(frozen=True)
@@ -110,10 +144,23 @@ class SkeletonConfig:
     const: float = 100.0
     dust_threshold: int = 500
 
+    def __post_init__(self) -> None:
+        _check_sizes("skeletons.shape", self.shape, "three sizes > 0 (x, y, z voxels per skeleton task)")
+        if self.dust_threshold < 0:
+            raise InputError(f"skeletons.dust_threshold {self.dust_threshold}: expected 0 or more voxels")
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     enabled: bool = True  # only when there is ground truth
+    # Expected run length and merging segments against kimimaro skeletons of the ground truth
+    # (TEASAR: invalidation radius scale * boundary distance + const nm; bodies under
+    # dust_threshold voxels get none). merge_min_nodes > 1: the lenient merge rule.
+    skeleton_metrics: bool = True
+    kimimaro_scale: float = 1.5
+    kimimaro_const: float = 300.0
+    kimimaro_dust_threshold: int = 100
+    merge_min_nodes: int = 1
 
 
 @dataclass(frozen=True)
@@ -138,6 +185,9 @@ class PipelineConfig:
     skeletons: SkeletonConfig = SkeletonConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     link: LinkConfig = LinkConfig()
+    # A lab's sections (`PipelineSection`s registered by its stage modules), by key, each loaded
+    # by the same strict loader; in the file they sit at the top level beside ours.
+    plugins: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -148,65 +198,39 @@ class PipelineConfig:
 
 # ---------------------------------------------------------------- strict loading
 
-def _convert(value: Any, kind: Any, where: str) -> Any:
-    origin = typing.get_origin(kind)
-    args = typing.get_args(kind)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where)
-    if dataclasses.is_dataclass(kind):
-        return from_mapping(kind, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise InputError(f"{where}: {value!r}; expected a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise InputError(f"{where}: {value!r}; expected {len(args)} values")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (Mapping, dict) or kind in (dict, Mapping) or origin is typing.Mapping:
-        if not isinstance(value, Mapping):
-            raise InputError(f"{where}: {value!r}; expected a mapping")
-        return dict(value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: {value!r}; expected true or false")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: {value!r}; expected an integer")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(f"{where}: {value!r}; expected a finite number")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise InputError(f"{where}: {value!r}; expected a string")
-        return value
-    return value
-
-
 def from_mapping(cls: type, data: Any, where: str = "pipeline") -> Any:
-    """`cls(**data)` with every key checked against the dataclass's fields, recursively."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise InputError(f"{where}: expected a mapping of options, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
+    """A config section from its mapping through the project's one strict loader; the pipeline
+    itself also takes a lab's registered sections (`PipelineSection`) at its top level."""
+    if cls is not PipelineConfig:
+        return load_dataclass(cls, data, where)
+    if data is not None and not isinstance(data, Mapping):
+        raise InputError(f"{where}: expected a mapping of sections, got {data!r}")
+    ours, plugins = _plugin_sections(data or {}, where)
+    names = [f.name for f in dataclasses.fields(PipelineConfig) if f.name != "plugins"]
+    unknown = [k for k in ours if k not in names]
     if unknown:
-        raise InputError(f"{where}.{unknown[0]}: unknown key; {where} takes {', '.join(names)}")
-    values = {key: _convert(value, hints[key], f"{where}.{key}") for key, value in data.items()}
-    if cls is PassConfig and "name" in values and not str(values["name"]).replace("-", "").replace("_", "").isalnum():
-        raise InputError(f"{where}.name {values['name']!r}: expected letters, digits, '-' or '_'")
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise InputError(f"{where}: {exc}") from None
+        raise InputError(f"{where}.{unknown[0]}: unknown key; {where} takes {', '.join(names + sorted(plugins))}")
+    config = load_dataclass(PipelineConfig, ours, where)
+    return dataclasses.replace(config, plugins=plugins) if plugins else config
+
+
+def _section_keys() -> list[str]:
+    from exaconnect.services.stages import plugin_sections
+
+    return list(plugin_sections())
+
+
+def _plugin_sections(data: Mapping[str, Any], where: str) -> tuple[dict, dict]:
+    """The pipeline file's keys split into ours and a lab's registered sections (loaded strictly).
+    A registered section left out of the file is planned with its defaults only if they enable it."""
+    from exaconnect.services.stages import plugin_sections
+
+    registered = plugin_sections()
+    ours = {k: v for k, v in data.items() if k not in registered}
+    theirs = {}
+    for key, section in registered.items():
+        theirs[key] = from_mapping(section.config, data.get(key), f"{where}.{key}")
+    return ours, theirs
 
 
 def apply_sets(data: dict, sets: Mapping[str, Mapping[str, Any]]) -> dict:
@@ -231,9 +255,13 @@ def load_pipeline(path: str | Path, sets: Mapping[str, Mapping[str, Any]] | None
     if not path.is_file():
         raise InputError(f"pipeline file {path}: not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise InputError(f"pipeline file {path}: not valid YAML ({exc})") from None
+    if data is None:
+        # Not the whole default pipeline: an empty file is a mistake far more often than a wish.
+        raise InputError(f"pipeline file {path}: is empty; expected a mapping of sections (every option is "
+                         "explained in configs/pipeline.yaml; `{}` asks for all the defaults)")
     if not isinstance(data, Mapping):
         raise InputError(f"pipeline file {path}: expected a mapping of sections at the top")
     try:
@@ -243,11 +271,8 @@ def load_pipeline(path: str | Path, sets: Mapping[str, Mapping[str, Any]] | None
 
 
 def to_mapping(config: Any) -> Any:
-    """The plain (YAML-ready) form of a config."""
-    if dataclasses.is_dataclass(config):
-        return {f.name: to_mapping(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    if isinstance(config, tuple):
-        return [to_mapping(v) for v in config]
-    if isinstance(config, Mapping):
-        return {k: to_mapping(v) for k, v in config.items()}
-    return config
+    """The plain (YAML-ready) form of a config; a lab's sections sit at the top level beside ours."""
+    if isinstance(config, PipelineConfig):
+        ours = {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name != "plugins"}
+        return {**ours, **{key: plain(value) for key, value in config.plugins.items()}}
+    return plain(config)

@@ -63,9 +63,10 @@ def segment_subvolume(
 ) -> SubvolumeResult:
     """Runs FFN inference with the reference's semantics over the whole `image` [z, y, x].
 
-    `options` defaults to the inference options stored with the model. Its `precision` is a
-    load-time choice (`load_model(..., config_overrides={'precision': ...})`) and is not
-    re-applied here. `progress` logs per-subvolume progress at INFO level.
+    `options` defaults to the inference options stored with the model. Their `precision`
+    decides the network's numerics: a model loaded at another precision is evaluated through
+    a copy at this one (`Predictor.at_precision`). `progress` logs per-subvolume progress at
+    INFO level.
     """
     return segment_subvolumes([image], model, options, batch_size=1, progress=progress)[0]
 
@@ -85,6 +86,9 @@ def segment_subvolumes(
     dependence of the convolution's floating-point summation order, if any).
     """
     options = options or model.config.inference
+    if isinstance(model, Predictor):
+        # Network stand-ins (tests' oracles) have no precision to change.
+        model = model.at_precision(options.precision)
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size}: expected >= 1")
     for image in images:

@@ -94,15 +94,26 @@ class ConvStack3D(tf.Module):
         )
 
     def _conv(self, x: tf.Tensor, name: str) -> tf.Tensor:
-        # Reduced precision applies to the convolutions only (inputs and kernels); biases,
-        # the residual stream and the mask update stay float32, because rounding the residual
-        # sums to an 8-bit mantissa (bfloat16) accumulates over 11 modules.
+        # Reduced precision applies to the convolutions only (inputs and kernels, the
+        # output as oneDNN writes it); biases, the residual stream and the mask update stay
+        # float32, because rounding the residual sums to an 8-bit mantissa (bfloat16)
+        # accumulates over 11 modules. Casting by hand rather than a Keras mixed-precision
+        # policy keeps one code path for TF 2.15 (tf.keras 2) and current TF (Keras 3): the
+        # model is a plain tf.Module, and tf.cast / tf.nn.conv3d take all three dtypes in both.
         w = tf.cast(self.weights[name], self.compute_dtype)
         y = tf.nn.conv3d(tf.cast(x, self.compute_dtype), w, strides=[1, 1, 1, 1, 1], padding="SAME")
         return tf.cast(y, tf.float32) + self.biases[name]
 
     def _forward(self, image: tf.Tensor, mask_logits: tf.Tensor) -> tf.Tensor:
-        """image, mask_logits: [batch, z, y, x, 1] float32 -> new mask logits, same shape."""
+        """image, mask_logits: [batch, z, y, x, 1] float32 -> new mask logits, same shape.
+
+        Input and output logits are float32 whatever the precision: the network predicts a
+        change of the logits it is given, and the canvas feeds each FOV's result back in over
+        hundreds of overlapping steps and compares it with thresholds near 0 (logit 0.6 =
+        0.405). Added in float32, voxels the network leaves alone keep their logits exactly;
+        in bfloat16 every step would re-round every logit of the FOV (2.944 -> 2.938) and the
+        canvas would compound those roundings from step to step.
+        """
         x = tf.concat([image, mask_logits], axis=4)
         x = tf.nn.relu(self._conv(x, "conv0_a"))
         x = self._conv(x, "conv0_b")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,6 +33,8 @@ class Predictor:
     config: FFNConfig
     device: str = "/device:CPU:0"
     jit_compile: bool = False
+    # Copies of this network at other precisions, made on first use (see `at_precision`).
+    _variants: dict[str, "Predictor"] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         fov = self.network.config.fov_zyx
@@ -44,6 +46,20 @@ class Predictor:
     @property
     def model_config(self):
         return self.network.config
+
+    @property
+    def precision(self) -> str:
+        """The numerics the network computes in ('float32', 'bfloat16' or 'float16')."""
+        return self.network.precision
+
+    def at_precision(self, precision: str) -> "Predictor":
+        """This predictor when it already computes at `precision`, else a copy of its weights
+        that does (made once per precision and kept, since tracing costs seconds)."""
+        if precision == self.precision:
+            return self
+        if precision not in self._variants:
+            self._variants[precision] = with_precision(self, precision)
+        return self._variants[precision]
 
     def __call__(self, images: np.ndarray, mask_logits: np.ndarray) -> np.ndarray:
         with tf.device(self.device):
@@ -86,7 +102,9 @@ def load_model(
 
 
 def with_precision(predictor: Predictor, precision: str) -> Predictor:
-    """The same weights evaluated at another precision (a new network object)."""
+    """The same weights evaluated at another precision (a new network object).
+
+    An unknown `precision` is an InputError naming it (raised by `ConvStack3D`)."""
     weights, biases = predictor.network.numpy_weights()
     network = ConvStack3D(predictor.network.config, precision=precision)
     network.assign(weights, biases)

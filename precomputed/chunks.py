@@ -7,6 +7,8 @@ wrong labels (its last blocks read past the end of the buffer), and random bytes
 decoders segfault, which kills a worker without a Python traceback. Every offset and every
 lookup-table index is checked here against the buffer's length first, so the decoder then reads
 only memory inside the buffer, and a damaged chunk raises `DamagedChunkError` naming its file.
+compresso's body cannot be checked short of decoding it: a compresso chunk that no checksum
+manifest vouches for is decoded in a helper process instead (`isolated_decode`).
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ def chunk_problem(data: bytes | memoryview, encoding: str, shape: Sequence[int],
     """'' when `data` can be decoded safely as a chunk of `shape` (x, y, z, channels), else why not.
 
     compressed_segmentation is checked completely; raw by its length; compresso by its header and
-    declared sizes (its decoder can still crash on a damaged body, which only a checksum
-    manifest, `precomputed.verify`, detects); jpeg/png decoders raise on bad bytes by themselves.
+    declared sizes only (its decoder can still crash on a damaged body: the chunk guard decodes
+    compresso chunks that no checksum vouches for in a helper process, `isolated_decode`);
+    jpeg/png decoders raise on bad bytes by themselves.
     """
     if encoding == "compressed_segmentation":
         return compressed_segmentation_problem(data, shape, dtype, block_size or (8, 8, 8))
@@ -175,9 +178,22 @@ def install_chunk_guard() -> None:
                 shape = [*Bbox.create(input_bbox).size3(), meta.num_channels]
                 block = meta.compressed_segmentation_block_size(mip) or (8, 8, 8)
                 problem = chunk_problem(content, enc, shape, meta.dtype, block)
+                vouched = False
+                if not problem:
+                    from exaconnect.precomputed.checksums import check_chunk_status
+
+                    problem, vouched = check_chunk_status(meta.cloudpath, str(input_bbox), content)
                 if problem:
                     raise DamagedChunkError(f"chunk {meta.cloudpath}/{input_bbox} is damaged: {problem}; "
                                             "rewrite it (rerun the task that wrote it)")
+                if enc == "compresso" and not vouched:
+                    # Only the header was checked: decode in the helper process, where a garbled
+                    # body can crash nothing but the helper. What cloud-volume then gets is the
+                    # decoded array, which every one of its decode functions takes as "raw".
+                    from exaconnect.precomputed.isolated_decode import decode_compresso_isolated
+
+                    content = decode_compresso_isolated(content, shape, meta.dtype, f"{meta.cloudpath}/{input_bbox}")
+                    encoding = "raw"
             elif not fill_missing and not isinstance(content, np.ndarray):
                 raise MissingChunkError(f"chunk {meta.cloudpath}/{input_bbox} is missing or empty; expected a "
                                         "complete input layer (rerun the stage that writes it, or allow missing chunks)")
@@ -194,4 +210,64 @@ def install_chunk_guard() -> None:
                 raise DamagedChunkError(f"chunk {meta.cloudpath}/{input_bbox} cannot be decoded: {exc}") from exc
 
         rx._decode_helper = checked
+        rx.decode_binary_image = _isolating_binary_decode(rx.decode_binary_image, checked)
+        rx.download_chunk = _naming_decompression_errors(rx.download_chunk)
         _state["installed"] = True
+
+
+def _isolating_binary_decode(decode_binary_image, decode_helper):
+    """cloud-volume's label-mask download asks compresso whether a chunk contains the label
+    before `_decode_helper` runs, which reads the chunk body in this process: decode such
+    chunks through the guarded helper first (isolated unless a checksum vouches for them)."""
+
+    @functools.wraps(decode_binary_image)
+    def binary(label, meta, input_bbox, content, fill_missing, mip, background_color=0, allow_none=True,
+               encoding=None):
+        enc = encoding or meta.encoding(mip)
+        if enc != "compresso" or content is None or isinstance(content, np.ndarray) or len(content) == 0:
+            return decode_binary_image(label, meta, input_bbox, content, fill_missing, mip,
+                                       background_color=background_color, allow_none=allow_none, encoding=encoding)
+        from cloudvolume import chunks as cv_chunks
+
+        image = decode_helper(cv_chunks.decode, meta, input_bbox, content, fill_missing, mip,
+                              background_color=background_color, allow_none=False, encoding=enc)
+        mask = np.asarray(image) == label
+        return None if allow_none and not mask.any() else mask
+
+    return binary
+
+
+def decompression_errors() -> tuple[type[BaseException], ...]:
+    """What the codecs behind cloudfiles raise on a damaged gzip/brotli/zstd stream (a truncated
+    or garbled chunk stored compressed, as on object stores)."""
+    import gzip
+    import zlib
+
+    from cloudfiles.exceptions import DecompressionError
+
+    errors: list[type[BaseException]] = [DecompressionError, zlib.error, gzip.BadGzipFile, EOFError]
+    for module, name in (("deflate", "DeflateError"), ("brotli", "error"), ("zstandard", "ZstdError")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _naming_decompression_errors(download_chunk):
+    """cloud-volume decompresses a chunk before `_decode_helper` sees it, and the codec's error
+    (`DeflateError: Decompression failed`) names no file: name it here."""
+    errors = decompression_errors()
+
+    @functools.wraps(download_chunk)
+    def download(meta, cache, lru, lru_encoding, cloudpath, mip, filename, *args, **kwargs):
+        try:
+            return download_chunk(meta, cache, lru, lru_encoding, cloudpath, mip, filename, *args, **kwargs)
+        except LayerError:
+            raise
+        except errors as exc:
+            raise DamagedChunkError(f"chunk {cloudpath}/{filename} is damaged: cannot decompress it "
+                                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                    "rewrite it (rerun the task that wrote it)") from exc
+
+    return download

@@ -1,19 +1,60 @@
-"""Evaluate a segmentation layer against a ground-truth layer: JSON scores and a PNG figure."""
+"""Evaluate a segmentation layer against a ground-truth layer: JSON scores and a PNG figure.
+
+Voxel scores (VI, adapted Rand error) always; skeleton scores (expected run length, merging
+segments, split and omitted edges) when ground-truth skeletons are given, either a precomputed
+skeleton layer or kimimaro skeletons made here from the ground-truth labels.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from exaconnect.errors import InputError
 from exaconnect.precomputed.bbox import Box, require_inside
 from exaconnect.precomputed.evaluate import contingency_table, segmentation_metrics
 from exaconnect.precomputed.layers import layer_bounds, open_layer, read_box
+from exaconnect.precomputed.skeleton_metrics import (
+    KimimaroParameters,
+    read_skeleton_layer,
+    skeleton_metrics,
+    skeletonize_labels,
+)
 
 
-def load_labels(spec: str, bbox: Box | None) -> np.ndarray:
-    """Labels [z, y, x] from a layer, or from a `.npy`/`.npz` file (array `segmentation`) or `file.h5:dataset`."""
+@dataclass(frozen=True)
+class LabelVolume:
+    """Labels [z, y, x] with the global voxel (x, y, z) of their first voxel, and the voxel size
+    in nm when the source records one (a layer does; .npy/.npz/.h5 files do not)."""
+
+    labels: np.ndarray
+    offset: tuple[int, int, int]
+    resolution: tuple[float, float, float] | None
+
+
+@dataclass(frozen=True)
+class SkeletonOptions:
+    """Where ground-truth skeletons come from (`layer`, or `kimimaro` on the ground-truth labels;
+    its anisotropy is replaced by the voxel size), the lenient merge rule's `merge_min_nodes`,
+    and the voxel size in nm for sources that carry none."""
+
+    layer: str | None = None
+    kimimaro: KimimaroParameters | None = None
+    merge_min_nodes: int = 1
+    resolution: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.layer is None) == (self.kimimaro is None):
+            raise InputError("skeleton scores need exactly one source: a skeleton layer (--skeletons) "
+                             "or kimimaro on the ground truth (--skeletonize-groundtruth)")
+
+
+def read_labels(spec: str, bbox: Box | None) -> LabelVolume:
+    """Labels from a layer, or from a `.npy`/`.npz` file (array `segmentation`) or `file.h5:dataset`
+    (a file's first voxel is global voxel 0,0,0)."""
     from exaconnect.precomputed.sources import open_source
 
     text = str(spec)
@@ -27,12 +68,58 @@ def load_labels(spec: str, bbox: Box | None) -> np.ndarray:
         vol = open_layer(text, layer_type="segmentation")
         box = bbox or layer_bounds(vol)
         require_inside(box, layer_bounds(vol), f"--bbox for layer {text}")
-        return read_box(vol, box)
+        resolution = tuple(float(r) for r in vol.meta.resolution(0))
+        return LabelVolume(read_box(vol, box), box.start, resolution)  # type: ignore[arg-type]
     if bbox is not None:
         require_inside(bbox, Box.from_shape(array.shape[::-1]), f"--bbox for {text}")
         (x0, y0, z0), (x1, y1, z1) = bbox.start, bbox.stop
         array = array[z0:z1, y0:y1, x0:x1]
-    return array
+    return LabelVolume(array, bbox.start if bbox else (0, 0, 0), None)
+
+
+def load_labels(spec: str, bbox: Box | None) -> np.ndarray:
+    """Labels [z, y, x] from a layer, or from a `.npy`/`.npz` file (array `segmentation`) or `file.h5:dataset`."""
+    return read_labels(spec, bbox).labels
+
+
+def _voxel_size(named: dict[str, tuple[float, float, float] | None], given: tuple[float, float, float] | None):
+    """The one voxel size that every source agrees on: --resolution wins over the layers' own,
+    which must agree with each other."""
+    if given is not None:
+        return tuple(float(r) for r in given)
+    known = {name: tuple(r) for name, r in named.items() if r is not None}
+    if not known:
+        raise InputError("skeleton scores need the voxel size: the segmentation, ground truth and skeletons "
+                         "are files without one; pass --resolution X,Y,Z (nm)")
+    first_name, first = next(iter(known.items()))
+    for name, resolution in known.items():
+        if not np.allclose(resolution, first):
+            raise InputError(f"{name} has resolution {list(resolution)} nm but {first_name} has {list(first)} nm; "
+                             "expected the same voxel size (pass --resolution to say which one is meant)")
+    return first
+
+
+def skeleton_scores(segmentation: LabelVolume, groundtruth: LabelVolume, options: SkeletonOptions) -> dict:
+    """Skeleton scores of `segmentation` as JSON-ready fields, with where the skeletons came from."""
+    named = {"the segmentation": segmentation.resolution, "the ground truth": groundtruth.resolution}
+    if options.layer is not None:
+        from exaconnect.precomputed.layers import layer_url
+
+        skeleton_vol = open_layer(options.layer, layer_type="segmentation")
+        named[f"skeleton layer {layer_url(options.layer)}"] = tuple(float(r) for r in skeleton_vol.meta.resolution(0))
+        resolution = _voxel_size(named, options.resolution)
+        skeletons = read_skeleton_layer(options.layer)
+        source = {"layer": layer_url(options.layer)}
+    else:
+        resolution = _voxel_size(named, options.resolution)
+        parameters = replace(options.kimimaro, anisotropy=resolution)
+        skeletons = skeletonize_labels(groundtruth.labels, parameters, offset=groundtruth.offset)
+        source = {"kimimaro": parameters.to_dict()}
+    if not skeletons:
+        raise InputError(f"no ground-truth skeletons from {source}; expected at least one skeleton to score")
+    scores = skeleton_metrics(skeletons, segmentation.labels, resolution, segmentation.offset,
+                              merge_min_nodes=options.merge_min_nodes)
+    return {**scores.to_dict(), "skeleton_length_unit": "nm", "skeleton_source": source}
 
 
 def write_figure(segmentation: np.ndarray, groundtruth: np.ndarray, metrics: dict, path: Path,
@@ -55,7 +142,9 @@ def write_figure(segmentation: np.ndarray, groundtruth: np.ndarray, metrics: dic
     merge_per_pair = -table.counts * np.log2(q)
     merge = np.bincount(inverse, weights=merge_per_pair) / np.maximum(sizes, 1)
 
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4.5))
+    skeletons = "erl" in metrics
+    fig, axes = plt.subplots(1, 3 if skeletons else 2, figsize=(15 if skeletons else 10, 4.5))
+    ax0, ax1 = axes[0], axes[1]
     sc = ax0.scatter(split, merge, s=8 + 60 * sizes / sizes.max(), c=np.log10(sizes), cmap="viridis")
     ax0.set_xlabel("split entropy of body (bits)")
     ax0.set_ylabel("merge entropy per voxel (bits)")
@@ -74,21 +163,50 @@ def write_figure(segmentation: np.ndarray, groundtruth: np.ndarray, metrics: dic
     ax1.imshow(rgb, interpolation="nearest")
     ax1.set_title(f"z={z}: segmentation (magenta) vs ground truth (green)", fontsize=9)
     ax1.axis("off")
+    if skeletons:
+        _skeleton_panel(axes[2], metrics)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _skeleton_panel(ax, metrics: dict) -> None:
+    """Where the ground-truth skeleton length went: correct, merged, split, omitted."""
+    total = metrics["skeleton_length"] or 1.0
+    parts = [("correct", "skeleton_correct_length", "tab:green"), ("merged", "skeleton_merged_length", "tab:red"),
+             ("split", "skeleton_split_length", "tab:orange"), ("omitted (label 0)", "skeleton_omitted_length", "tab:gray")]
+    left = 0.0
+    for label, key, colour in parts:
+        share = metrics[key] / total
+        ax.barh([0], [share], height=0.6, left=left, color=colour, label=f"{label} {100 * share:.1f} %")
+        left += share
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-1.5, 1.5)
+    ax.set_yticks([])
+    ax.set_xlabel("fraction of ground-truth skeleton length")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
+    ax.set_title(f"ERL {metrics['erl'] / 1000:.3f} of {metrics['erl_max'] / 1000:.3f} um, "
+                 f"{metrics['skeleton_merging_segments']} merging segments", fontsize=9)
+
+
 def evaluate(segmentation_spec: str, groundtruth_spec: str, bbox: Box | None = None, out: str | None = None,
-             ignore_segmentation_zero: bool = False) -> dict:
-    segmentation = load_labels(segmentation_spec, bbox)
-    groundtruth = load_labels(groundtruth_spec, bbox)
-    metrics = segmentation_metrics(segmentation, groundtruth, ignore_segmentation_zero=ignore_segmentation_zero)
-    metrics.update({"segmentation": segmentation_spec, "groundtruth": groundtruth_spec, "bbox": str(bbox) if bbox else None})
+             ignore_segmentation_zero: bool = False, skeletons: SkeletonOptions | None = None,
+             ignore_groundtruth_zero: bool = True) -> dict:
+    """Scores of a segmentation against ground truth in `bbox`; with `out`, the JSON and a PNG
+    beside it. Every score is computed before anything is written."""
+    segmentation = read_labels(segmentation_spec, bbox)
+    groundtruth = read_labels(groundtruth_spec, bbox)
+    metrics = segmentation_metrics(segmentation.labels, groundtruth.labels, ignore_groundtruth_zero=ignore_groundtruth_zero,
+                                   ignore_segmentation_zero=ignore_segmentation_zero)
+    metrics.update({"segmentation": segmentation_spec, "groundtruth": groundtruth_spec, "bbox": str(bbox) if bbox else None,
+                    "ignore_segmentation_zero": bool(ignore_segmentation_zero),
+                    "ignore_groundtruth_zero": bool(ignore_groundtruth_zero)})
+    if skeletons is not None:
+        metrics.update(skeleton_scores(segmentation, groundtruth, skeletons))
     if out:
         out_path = Path(out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(metrics, indent=1))
-        write_figure(segmentation, groundtruth, metrics, out_path.with_suffix(".png"))
+        write_figure(segmentation.labels, groundtruth.labels, metrics, out_path.with_suffix(".png"))
     return metrics

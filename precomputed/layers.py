@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,15 +27,23 @@ SEGMENTATION_ENCODINGS = ("compressed_segmentation", "compresso", "raw")
 IMAGE_DTYPES = ("uint8", "uint16", "float32")
 SEGMENTATION_DTYPES = ("uint32", "uint64")
 REMOTE_PREFIXES = ("gs://", "s3://", "http://", "https://", "file://", "mem://", "matrix://")
+# Anything shaped `scheme://` that we do not serve is refused rather than taken for a relative path
+# (`ftp://host/x` would otherwise become the folder `./ftp:/host/x`).
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
 def layer_url(path: str) -> str:
-    """A plain local path becomes an absolute `file://` URL; URLs pass through unchanged."""
+    """A plain local path becomes an absolute `file://` URL; URLs pass through unchanged; a URL
+    of any other scheme is an InputError."""
     text = str(path)
     if text.startswith("precomputed://"):
         text = text[len("precomputed://") :]
     if text.startswith(REMOTE_PREFIXES):
         return text.rstrip("/")
+    scheme = _URL_SCHEME.match(text)
+    if scheme:
+        raise InputError(f"layer {path}: unsupported URL scheme {scheme.group(1)}://; expected a local path or one of "
+                         + ", ".join(REMOTE_PREFIXES))
     return "file://" + os.path.abspath(os.path.expanduser(text))
 
 

@@ -6,6 +6,8 @@ Sources are opened from their SRC string alone, so an ingest task carries only t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +124,18 @@ def _open_multipage_tiff(path: Path) -> StackSource:
         tif = tifffile.TiffFile(path)
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error on bad files
         raise InputError(f"source {path} is not a readable TIFF ({exc})") from exc
-    with tif:
+    with tif, _tifffile_errors() as errors:
         pages = tif.pages
+        count = len(pages)  # walks every page's IFD: a chain cut short only logs an error
+        if errors:
+            raise InputError(f"source {path} is truncated or damaged: {errors[0]} after page {count - 1}; "
+                             "expected a complete multi-page TIFF (copy it again)")
         first = pages[0]
         shape = (len(pages), *first.shape[:2])
         dtype = first.dtype
         for i, page in enumerate(pages):
             _require_grey_tiff_page(page, f"source {path}: page {i}")
+            _require_whole_tiff_page(page, path, f"source {path}: page {i}")
             if page.shape[:2] != first.shape[:2]:
                 raise InputError(f"source {path}: page {i} is {page.shape[:2]}, page 0 is {first.shape[:2]}; expected equal sizes")
 
@@ -150,9 +157,12 @@ def _section_shape_and_dtype(path: Path) -> tuple[tuple[int, int], np.dtype]:
         with tif:
             page = tif.pages[0]
             _require_grey_tiff_page(page, f"section {path}")
+            _require_whole_tiff_page(page, path, f"section {path}")
             return tuple(page.shape[:2]), page.dtype  # type: ignore[return-value]
     from PIL import Image
 
+    if path.suffix.lower() == ".png":
+        _require_whole_png(path)
     try:
         with Image.open(path) as image:
             if image.mode == "P":
@@ -162,6 +172,65 @@ def _section_shape_and_dtype(path: Path) -> tuple[tuple[int, int], np.dtype]:
             return (image.height, image.width), np.dtype(_MODE_DTYPES[image.mode])
     except OSError as exc:
         raise InputError(f"section {path} is not a readable image ({exc})") from exc
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _require_whole_png(path: Path) -> None:
+    """Walk a PNG's chunk lengths up to IEND by seeking, without decompressing any pixels: a
+    truncated file (the usual damage from an interrupted copy) fails here, before ingest writes
+    anything, for the cost of a few reads per section."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            raise InputError(f"section {path} is not a PNG file (bad signature); expected a grayscale PNG")
+        at = 8
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"section {path} is truncated: its PNG chunks stop at byte {at} of {size} "
+                                 "before the end marker (IEND); expected a complete image (copy it again)")
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            at += 12 + length
+            if at > size:
+                raise InputError(f"section {path} is truncated: its {kind.decode('latin-1')} chunk ends at byte "
+                                 f"{at} but the file has {size}; expected a complete image (copy it again)")
+            if kind == b"IEND":
+                return
+            f.seek(at)
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tifffile_errors():
+    """tifffile logs, rather than raises, when a page chain points past the end of the file and
+    then reports fewer pages; collect those messages so that a cut-off stack is refused."""
+    logger = logging.getLogger("tifffile")
+    handler = _Collect()
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _require_whole_tiff_page(page, path: Path, what: str) -> None:
+    """Every strip or tile of a TIFF page must lie inside the file (a truncated TIFF still has a
+    readable header when its pixel data is cut off)."""
+    size = os.path.getsize(path)
+    ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts)]
+    if any(n == 0 for n in page.databytecounts) or (ends and max(ends) > size):
+        raise InputError(f"{what} is truncated: its pixel data runs to byte {max(ends, default=0)} but the file has "
+                         f"{size}; expected a complete image (copy it again)")
 
 
 _MODE_DTYPES = {"L": np.uint8, "P": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}
@@ -190,6 +259,17 @@ def _grey_palette(image, path) -> np.ndarray:
 
 
 def _read_section(name: str) -> np.ndarray:
+    """One section as a 2-D array, or InputError naming the file when its pixels do not decode."""
+    try:
+        return _decode_section(name)
+    except InputError:
+        raise
+    except Exception as exc:  # PIL/imageio/tifffile raise OSError, ValueError, SyntaxError, zlib.error ...
+        raise InputError(f"section {name} cannot be decoded ({type(exc).__name__}: {exc}); "
+                         "expected a complete, readable image") from exc
+
+
+def _decode_section(name: str) -> np.ndarray:
     """One section as a 2-D array; grey palette PNGs become their grey levels."""
     if name.lower().endswith(".png"):
         from PIL import Image

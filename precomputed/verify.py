@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 
 from exaconnect.errors import InputError, LayerError
 from exaconnect.precomputed.bbox import Box, chunk_boxes
+from exaconnect.precomputed.checksums import forget_cached_manifests
 from exaconnect.precomputed.chunks import chunk_problem
 from exaconnect.precomputed.layers import chunk_name, layer_url, local_path, mip_bounds, open_layer
 
@@ -109,10 +110,12 @@ def _problem(vol, name: str, content: bytes | None, mip: int) -> str:
                          vol.meta.compressed_segmentation_block_size(mip) or (8, 8, 8))
 
 
-def record_checksums(vol, box: Box, mip: int | None = None) -> dict[str, str]:
+def record_checksums(vol, box: Box, mip: int | None = None, present_only: bool = False) -> dict[str, str]:
     """Read back the chunks a task wrote for `box` (at `mip`), check them and store their MD5s.
 
-    Raises DamagedChunkError-like LayerError when a chunk just written does not read back.
+    Raises DamagedChunkError-like LayerError when a chunk just written does not read back;
+    `present_only` skips chunks that do not exist (a writer that may leave some out, as igneous
+    does for mips its task shape cannot fill).
     """
     from cloudfiles import CloudFiles
 
@@ -123,6 +126,8 @@ def record_checksums(vol, box: Box, mip: int | None = None) -> dict[str, str]:
     cf = CloudFiles(vol.cloudpath)
     sums: dict[str, str] = {}
     for item in cf.get(names):
+        if present_only and item["content"] is None:
+            continue
         problem = _problem(vol, item["path"], item["content"], mip)
         if problem:
             raise LayerError(f"chunk {vol.cloudpath}/{item['path']} does not read back after writing: {problem}")
@@ -130,6 +135,7 @@ def record_checksums(vol, box: Box, mip: int | None = None) -> dict[str, str]:
     manifest = {"box": box.to_list(), "mip": mip, "written": time.time(), "chunks": dict(sorted(sums.items()))}
     cf.put(_manifest_name(vol, box, mip), json.dumps(manifest, indent=0).encode(), compress=None,
            content_type="application/json")
+    forget_cached_manifests()  # this process's own later reads see the new checksums
     return sums
 
 
@@ -151,6 +157,24 @@ def _manifests(vol, mip: int) -> dict[str, str]:
     for _, chunks in sorted(manifests, key=lambda m: m[0]):
         sums.update(chunks)
     return sums
+
+
+def _decompressed(item: dict) -> tuple[bytes | None, str]:
+    """A chunk fetched raw, decompressed here so that a damaged gzip stream is one chunk's
+    problem in the report rather than an exception that ends the whole check."""
+    from cloudfiles import compression
+
+    from exaconnect.precomputed.chunks import decompression_errors
+
+    if item.get("error") is not None:
+        return None, f"cannot be read ({item['error']})"
+    content = item["content"]
+    if content is None or not item.get("compress"):
+        return content, ""
+    try:
+        return compression.decompress(content, item["compress"], filename=item["path"]), ""
+    except decompression_errors() as exc:
+        return None, f"cannot decompress it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
 @dataclass
@@ -194,9 +218,9 @@ def verify_layer(layer: str, mips: Iterable[int] | None = None, bbox: Box | None
         present = _existing(url, names)
         report.missing = [n for n in names if n not in present]
         for batch in _batches([n for n in names if n in present]):
-            for item in cf.get(batch):
-                name, content = item["path"], item["content"]
-                problem = _problem(vol, name, content, mip)
+            for item in cf.get(batch, raw=True):
+                name, content, problem = item["path"], *_decompressed(item)
+                problem = problem or _problem(vol, name, content, mip)
                 if not problem and name in sums:
                     report.checked_against_manifest += 1
                     if hashlib.md5(content).hexdigest() != sums[name]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
-from typing import Iterable
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 from taskqueue import RegisteredTask
@@ -31,6 +32,7 @@ from exaconnect.precomputed.verify import record_checksums, require_complete
 from exaconnect.precomputed.layers import (LayerSpec, Provenance, create_layer, layer_bounds, layer_url, local_path,
                                            open_layer, read_box, write_box)
 from exaconnect.align.match import AlignConfig, finalize_meshes, match_section
+from exaconnect.services.stages import Stage
 from exaconnect.align.mesh import SectionFlow, block_ranges, solve_block
 from exaconnect.align.warp import region_map, source_window, to_dtype, warp_region
 
@@ -358,22 +360,85 @@ def stage_tasks(stage: str, src: str, dest: str, config: AlignConfig | None = No
     raise InputError(f"align stage {stage!r}: expected one of {STAGES}")
 
 
-def align_stages(src: str, dest: str, config: AlignConfig, requires: tuple[str, ...] = (),
-                 prefix: str = "align") -> list:
-    """flow -> mesh -> compose -> render -> report as runner stages named `PREFIX.STAGE`."""
-    from exaconnect.services.stages import Stage
+@dataclass(frozen=True)
+class AlignStep(Stage):
+    """One step of the alignment of `src` into `dest` (flow, mesh, compose, render, report), each
+    requiring the one before it (the first: `upstream`). The alignment's spring meshes are the
+    `mesh` step; they have nothing to do with neuroglancer meshes (services/mesh.py)."""
 
-    src_url, dest_url = layer_url(src), layer_url(dest)
-    parameters = {"src": src_url, "dest": dest_url, "config": config.as_dict()}
-    stages, previous = [], tuple(requires)
-    for stage in STAGES:
-        name = f"{prefix}.{stage}"
-        writes = (dest_url,) if stage == "render" else (f"{dest_url}/{ALIGN_DIR}/{stage}",)
-        stages.append(Stage(name, "align", lambda stage=stage: stage_tasks(stage, src_url, dest_url, _resolve(config)), previous,
-                            reads=(src_url,), writes=writes, parameters={**parameters, "stage": stage},
-                            description=f"alignment: {stage}"))
-        previous = (name,)
+    service: ClassVar[str] = "align"
+    stage_name: ClassVar[str] = "align"
+    src: str
+    dest: str
+    config: Any = None  # AlignConfig, or one resolved when the step starts (see _resolve)
+    step: str = "flow"
+    previous: Stage | None = None
+    upstream: tuple[Stage, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.step not in STAGES:
+            raise InputError(f"align step {self.step!r}: expected one of {STAGES}")
+        if not self.name:
+            object.__setattr__(self, "name", f"align.{self.step}")
+        super().__post_init__()
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        return f"alignment: {self.step}"
+
+    def requires(self) -> tuple[Stage, ...]:
+        return (self.previous,) if self.previous is not None else self.upstream
+
+    def make_tasks(self) -> list:
+        return stage_tasks(self.step, self.src, self.dest, _resolve(self.config) if self.config is not None else None)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.src,)
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.dest,) if self.step == "render" else (f"{self.dest}/{ALIGN_DIR}/{self.step}",)
+
+
+def align_stages(src: str, dest: str, config: Any, upstream: tuple[Stage, ...] = (), prefix: str = "align",
+                 steps: Iterable[str] = STAGES) -> list[AlignStep]:
+    """flow -> mesh -> compose -> render -> report (or the first of them named in `steps`) as
+    stages named `PREFIX.STEP`."""
+    wanted = set(steps)
+    stages: list[AlignStep] = []
+    previous: AlignStep | None = None
+    for step in STAGES:
+        if step not in wanted:
+            continue
+        previous = AlignStep(src=src, dest=dest, config=config, step=step, previous=previous,
+                             upstream=upstream if previous is None else (), name=f"{prefix}.{step}")
+        stages.append(previous)
     return stages
+
+
+@dataclass(frozen=True)
+class AlignApply(Stage):
+    """Another layer (labels, another channel) through a finished alignment."""
+
+    service: ClassVar[str] = "align"
+    stage_name: ClassVar[str] = "align.apply"
+    description: ClassVar[str] = "a layer through the alignment"
+    src: str
+    dest: str
+    alignment: str
+    order: int = 0
+    upstream: tuple[Stage, ...] = ()
+
+    def requires(self) -> tuple[Stage, ...]:
+        return self.upstream
+
+    def make_tasks(self) -> list:
+        return create_align_apply_tasks(self.src, self.dest, self.alignment, order=self.order)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.src, self.alignment)
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.dest,)
 
 
 def _resolve(config):
@@ -388,9 +453,7 @@ def align_stack_through_queue(src: str, dest: str, queue: str, workers: int = 1,
     queues under `queue`; returns seconds per stage; raises if a task dead-letters."""
     from exaconnect.services.runner import RunnerOptions, run_stages
 
-    wanted = set(stages)
-    chosen = [s for s in align_stages(src, dest, config) if s.name.split(".", 1)[1] in wanted]
-    chosen = [dataclass_replace(s, requires=tuple(r for r in s.requires if r.split(".", 1)[1] in wanted)) for s in chosen]
+    chosen = align_stages(layer_url(src), layer_url(dest), config, steps=stages)
     report = run_stages(chosen, RunnerOptions(queue, f"{layer_url(dest)}/{ALIGN_DIR}/run", workers=workers,
                                               progress=False))
     return {name.split(".", 1)[1]: seconds for name, seconds in report.seconds.items()}

@@ -6,12 +6,14 @@ any other and are recorded with it. The scores go into the run's store as JSON, 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 from taskqueue import RegisteredTask
 
 from exaconnect.precomputed.bbox import Box
-from exaconnect.precomputed.layers import layer_url
 from exaconnect.precomputed.store import ArtifactStore
+from exaconnect.services.stages import Stage
 
 
 class EvaluateTask(RegisteredTask):
@@ -19,8 +21,27 @@ class EvaluateTask(RegisteredTask):
     `bbox` and store the metrics as `key` in the store at `store`."""
 
     def __init__(self, segmentation: str, groundtruth: str, store: str, key: str, bbox: list | None = None,
-                 ignore_segmentation_zero: bool = False):
-        super().__init__(segmentation, groundtruth, store, key, bbox, ignore_segmentation_zero)
+                 ignore_segmentation_zero: bool = False, skeletons: str | None = None, kimimaro: dict | None = None,
+                 merge_min_nodes: int = 1, resolution: list | None = None, ignore_groundtruth_zero: bool = True):
+        """Skeleton scores are added when `skeletons` (a segmentation layer with a skeleton source)
+        or `kimimaro` (KimimaroParameters fields, for skeletons of the ground truth) is given."""
+        super().__init__(segmentation, groundtruth, store, key, bbox, ignore_segmentation_zero, skeletons, kimimaro,
+                         merge_min_nodes, resolution, ignore_groundtruth_zero)
+
+    def skeleton_options(self):
+        from exaconnect.precomputed.evaluate_report import SkeletonOptions
+        from exaconnect.precomputed.skeleton_metrics import KimimaroParameters
+
+        if self.skeletons is None and self.kimimaro is None:
+            return None
+        kimimaro = None
+        if self.kimimaro is not None:
+            fields = dict(self.kimimaro)
+            if "anisotropy" in fields:
+                fields["anisotropy"] = tuple(fields["anisotropy"])
+            kimimaro = KimimaroParameters(**fields)
+        return SkeletonOptions(layer=self.skeletons, kimimaro=kimimaro, merge_min_nodes=int(self.merge_min_nodes),
+                               resolution=tuple(self.resolution) if self.resolution else None)
 
     def execute(self) -> None:
         from exaconnect.precomputed.evaluate_report import evaluate
@@ -31,21 +52,40 @@ class EvaluateTask(RegisteredTask):
         if local is not None:
             os.makedirs(os.path.dirname(local), exist_ok=True)
         # evaluate() writes the JSON and a PNG beside it; the store then vouches for the JSON.
-        metrics = evaluate(self.segmentation, self.groundtruth, box, local, bool(self.ignore_segmentation_zero))
+        metrics = evaluate(self.segmentation, self.groundtruth, box, local, bool(self.ignore_segmentation_zero),
+                           self.skeleton_options(), bool(self.ignore_groundtruth_zero))
         store.put_json(self.key, metrics)
 
 
-def evaluate_stage(segmentation: str, groundtruth: str, store: str, key: str = "evaluate/scores.json",
-                   requires: tuple[str, ...] = (), bbox: Box | None = None, name: str = "evaluate"):
-    from exaconnect.services.stages import Stage
+@dataclass(frozen=True)
+class EvaluateStage(Stage):
+    """`segmentation` scored against `groundtruth`, the scores stored as `key` in `store`."""
 
-    seg = layer_url(segmentation) if "://" in segmentation or os.path.isdir(segmentation) else segmentation
-    return Stage(name, "evaluate",
-                 lambda: [EvaluateTask(seg, groundtruth, layer_url(store), key, bbox.to_list() if bbox else None)],
-                 requires, reads=(seg, groundtruth), writes=(f"{layer_url(store)}/{key}",),
-                 parameters={"segmentation": seg, "groundtruth": groundtruth, "bbox": bbox.to_list() if bbox else None},
-                 description="VI and adapted Rand error against ground truth")
+    service: ClassVar[str] = "evaluate"
+    stage_name: ClassVar[str] = "evaluate"
+    description: ClassVar[str] = "VI, adapted Rand error and expected run length against ground truth"
+    segmentation: str
+    groundtruth: str
+    store: str
+    key: str = "evaluate/scores.json"
+    bbox: Box | None = None
+    # Skeleton scores (expected run length, merges): ground-truth skeletons from a skeleton layer,
+    # or made from the ground truth by kimimaro with these KimimaroParameters fields.
+    skeletons: str | None = None
+    kimimaro: Mapping[str, Any] | None = None
+    merge_min_nodes: int = 1
+    upstream: tuple[Stage, ...] = ()
 
+    def requires(self) -> tuple[Stage, ...]:
+        return self.upstream
 
-def read_scores(store: str, key: str = "evaluate/scores.json") -> dict | None:
-    return ArtifactStore(store).get_json(key)
+    def make_tasks(self) -> list:
+        return [EvaluateTask(self.segmentation, self.groundtruth, self.store, self.key,
+                             self.bbox.to_list() if self.bbox else None, False, self.skeletons,
+                             dict(self.kimimaro) if self.kimimaro is not None else None, self.merge_min_nodes)]
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.segmentation, self.groundtruth)
+
+    def writes(self) -> tuple[str, ...]:
+        return (f"{self.store}/{self.key}",)

@@ -127,7 +127,8 @@ class FileQueue:
         shard = random.randrange(self.shards)
         tmp_dir = self.path / "tmp"
         for task in tasks:
-            payload = task if isinstance(task, dict) else totask(task).payload()
+            # dicts are registered tasks' payloads, lists function tasks' (a requeued dead letter)
+            payload = task if isinstance(task, (dict, list)) else totask(task).payload()
             ident = task_id or str(uuid.uuid4())
             tmp = tmp_dir / f"{ident}.json"
             tmp.write_text(jsonify({"payload": payload, "id": ident}))  # numpy, Vec: igneous payloads

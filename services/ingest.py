@@ -3,16 +3,19 @@ precomputed layer, one task per chunk-aligned z-slab so that many workers share 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from taskqueue import RegisteredTask
 
 from exaconnect.errors import InputError
-from exaconnect.precomputed.bbox import Box, Triple
+from exaconnect.precomputed.bbox import Box, Triple, parse_resolution, parse_triple
 from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, layer_url, open_layer, write_box
 from exaconnect.precomputed.sources import StackSource, absolute_source, check_labels, open_source
 from exaconnect.precomputed.verify import record_checksums
+from exaconnect.services.stages import Stage, StageCommand, register_command
 
 
 @dataclass(frozen=True)
@@ -112,17 +115,56 @@ def ingest_now(src: str, dest: str, options: IngestOptions, progress: bool = Tru
         ingest_slab(source, vol, a, b)
 
 
-def ingest_stage(src: str, dest: str, options: IngestOptions, name: str = "ingest",
-                 requires: tuple[str, ...] = ()):
-    """The ingest of one source as a runner stage (one task per z-slab)."""
-    import dataclasses
-    import os
+@dataclass(frozen=True)
+class IngestStage(Stage):
+    """The ingest of one source (one task per chunk-aligned z-slab)."""
 
-    from exaconnect.services.stages import Stage
+    service: ClassVar[str] = "ingest"
+    stage_name: ClassVar[str] = "ingest.slabs"
+    description: ClassVar[str] = "sections -> precomputed"
+    src: str
+    dest: str
+    options: IngestOptions
+    upstream: tuple[Stage, ...] = ()
 
-    path, h5, _ = str(src).partition(".h5:")
-    source = absolute_source(src) if os.path.exists(path + h5[:-1] if h5 else str(src)) else str(src)
-    return Stage(name, "ingest", lambda: create_ingest_tasks(source, dest, options), requires,
-                 reads=(source,), writes=(layer_url(dest),),
-                 parameters={"src": source, "dest": layer_url(dest), "options": dataclasses.asdict(options)},
-                 description=f"{options.layer_type} sections -> precomputed")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Workers may start elsewhere (a pod, a PBS job): a local source is stored absolute.
+        path, h5, _ = str(self.src).partition(".h5:")
+        if os.path.exists(path + h5[:-1] if h5 else str(self.src)):
+            object.__setattr__(self, "src", absolute_source(self.src))
+
+    def requires(self) -> tuple[Stage, ...]:
+        return self.upstream
+
+    def make_tasks(self) -> list:
+        return create_ingest_tasks(self.src, self.dest, self.options)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.src,)
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.dest,)
+
+
+def _add_arguments(v) -> None:
+    v.add_argument("src", help="source sections: a folder of PNG/TIFF, a multi-page TIFF, file.h5:dataset or .npy")
+    v.add_argument("layer", help="destination layer (path or URL)")
+    v.add_argument("--resolution", required=True, help="X,Y,Z voxel size in nm")
+    v.add_argument("--type", choices=["image", "segmentation"], default="image")
+    v.add_argument("--chunk-size", default="64,64,64", help="X,Y,Z chunk size (default 64,64,64)")
+    v.add_argument("--voxel-offset", default="0,0,0", help="X,Y,Z of the first voxel")
+    v.add_argument("--encoding", default=None, help="raw|jpeg for images, compressed_segmentation|compresso for labels")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing layer's info")
+
+
+def _stages(args) -> list[Stage]:
+    options = IngestOptions(layer_type=args.type, resolution=parse_resolution(args.resolution),
+                            voxel_offset=parse_triple(args.voxel_offset, "--voxel-offset", positive=False),
+                            chunk_size=parse_triple(args.chunk_size, "--chunk-size"), encoding=args.encoding,
+                            overwrite=args.overwrite)
+    return [IngestStage(src=args.src, dest=args.layer, options=options)]
+
+
+register_command(StageCommand("ingest", "sections -> precomputed layer (one task per chunk-aligned z-slab)",
+                              _add_arguments, _stages, ("slabs",)))

@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
+from exaconnect.precomputed.bbox import parse_triple
 from exaconnect.precomputed.layers import Provenance, add_provenance, layer_url, open_layer
 from exaconnect.precomputed.verify import require_complete
+from exaconnect.services.stages import (Stage, StageCommand, add_allow_missing_argument, layer_argument,
+                                        register_command)
 
 
 def create_mesh_forge_tasks(layer: str, mip: int = 0, shape: tuple[int, int, int] = (256, 256, 256),
@@ -35,20 +41,73 @@ def create_mesh_merge_tasks(layer: str, magnitude: int = 1):
     return list(tc.create_mesh_manifest_tasks(url, magnitude=magnitude))
 
 
-def mesh_stages(layer: str, requires: tuple[str, ...] = (), prefix: str = "mesh", mip: int = 0,
-                shape: tuple[int, int, int] = (256, 256, 256), simplification_error: float = 40.0,
-                allow_missing: bool = False) -> list:
-    """`PREFIX.forge` (fragments per task box) then `PREFIX.merge` (manifests) as runner stages."""
-    from exaconnect.services.stages import Stage
+@dataclass(frozen=True)
+class MeshForge(Stage):
+    """Mesh fragments per task box (igneous's MeshTask)."""
 
-    url = layer_url(layer)
-    parameters = {"layer": url, "mip": mip, "shape": list(shape), "simplification_error": simplification_error,
-                  "allow_missing": allow_missing}
-    forge = Stage(f"{prefix}.forge", "mesh",
-                  lambda: create_mesh_forge_tasks(url, mip=mip, shape=shape, simplification_error=simplification_error,
-                                                  allow_missing=allow_missing),
-                  requires, reads=(url,), writes=(f"{url}/mesh",), parameters=parameters,
-                  description="mesh fragments per box")
-    merge = Stage(f"{prefix}.merge", "mesh", lambda: create_mesh_merge_tasks(url), (forge.name,), reads=(f"{url}/mesh",),
-                  writes=(f"{url}/mesh",), parameters=parameters, description="mesh manifests")
-    return [forge, merge]
+    service: ClassVar[str] = "mesh"
+    stage_name: ClassVar[str] = "mesh.forge"
+    description: ClassVar[str] = "mesh fragments per box"
+    layer: str
+    mip: int = 0
+    shape: tuple[int, int, int] = (256, 256, 256)
+    simplification_error: float = 40.0
+    allow_missing: bool = False
+    upstream: tuple[Stage, ...] = ()
+
+    def requires(self) -> tuple[Stage, ...]:
+        return self.upstream
+
+    def make_tasks(self) -> list:
+        return create_mesh_forge_tasks(self.layer, mip=self.mip, shape=self.shape,
+                                       simplification_error=self.simplification_error, allow_missing=self.allow_missing)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.layer,)
+
+    def writes(self) -> tuple[str, ...]:
+        return (f"{self.layer}/mesh",)
+
+
+@dataclass(frozen=True)
+class MeshMerge(Stage):
+    """The manifests that list each object's fragments."""
+
+    service: ClassVar[str] = "mesh"
+    stage_name: ClassVar[str] = "mesh.merge"
+    description: ClassVar[str] = "mesh manifests"
+    forge: MeshForge
+
+    def requires(self) -> tuple[Stage, ...]:
+        return (self.forge,)
+
+    def make_tasks(self) -> list:
+        return create_mesh_merge_tasks(self.forge.layer)
+
+    def reads(self) -> tuple[str, ...]:
+        return (f"{self.forge.layer}/mesh",)
+
+    def writes(self) -> tuple[str, ...]:
+        return (f"{self.forge.layer}/mesh",)
+
+
+def mesh_stages(forge: MeshForge) -> list[Stage]:
+    """forge, then merge."""
+    return [forge, MeshMerge(forge=forge, name=forge.name.replace("forge", "merge"))]
+
+
+def _add_arguments(v) -> None:
+    v.add_argument("segmentation_layer", type=layer_argument, help="segmentation layer (path or URL)")
+    v.add_argument("--mip", type=int, default=0)
+    v.add_argument("--shape", default="256,256,256", help="task box X,Y,Z")
+    v.add_argument("--simplification-error", type=float, default=40.0, help="nm")
+    add_allow_missing_argument(v)
+
+
+def _stages(args) -> list[Stage]:
+    return mesh_stages(MeshForge(layer=args.segmentation_layer, mip=args.mip, shape=parse_triple(args.shape, "--shape"),
+                                 simplification_error=args.simplification_error, allow_missing=args.allow_missing))
+
+
+register_command(StageCommand("mesh", "meshes per object (marching cubes per box, then manifests)", _add_arguments,
+                              _stages, ("forge", "merge")))

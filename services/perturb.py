@@ -10,6 +10,8 @@ the stacks this is meant for (a demo, a test crop) fit in memory.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 from scipy import ndimage
@@ -18,6 +20,7 @@ from taskqueue import RegisteredTask
 from exaconnect.errors import InputError
 from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, layer_bounds, layer_url, open_layer, read_box, write_box
 from exaconnect.precomputed.store import ArtifactStore
+from exaconnect.services.stages import Stage
 
 TRUTH_KEY = "misalign/truth.npz"
 
@@ -95,3 +98,32 @@ def create_misalign_tasks(src: str, dest: str, options: dict, seed: int = 0, lab
         _like(labels_src, labels_dest, "misalign", {**options, "seed": seed})
     return [MisalignTask(layer_url(src), layer_url(dest), options, seed,
                          layer_url(labels_src) if labels_src else None, layer_url(labels_dest) if labels_dest else None)]
+
+
+@dataclass(frozen=True)
+class MisalignStage(Stage):
+    """A stack (and its labels) misaligned on purpose, the truth recorded."""
+
+    service: ClassVar[str] = "align"
+    stage_name: ClassVar[str] = "misalign"
+    description: ClassVar[str] = "misalign on purpose"
+    src: str
+    dest: str
+    options: Mapping[str, Any]
+    seed: int = 0
+    labels_src: str | None = None
+    labels_dest: str | None = None
+    upstream: tuple[Stage, ...] = ()
+
+    def requires(self) -> tuple[Stage, ...]:
+        return self.upstream
+
+    def make_tasks(self) -> list:
+        return create_misalign_tasks(self.src, self.dest, dict(self.options), self.seed, self.labels_src,
+                                     self.labels_dest)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.src,) + ((self.labels_src,) if self.labels_src else ())
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.dest,) + ((self.labels_dest,) if self.labels_dest else ())

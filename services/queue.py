@@ -241,7 +241,9 @@ def requeue_dead_letters(spec: str, task_ids: list[str] | None = None, ledger_di
     for task_id in ids:
         record = ledger.dead_record(task_id)
         payload = record.get("payload")
-        if not isinstance(payload, dict):
+        # A registered task's payload is a dict; a function task's (igneous's DownsampleTask, a
+        # partial) is a list. Text is what could not be parsed when the task was buried.
+        if not isinstance(payload, (dict, list)):
             raise QueueError(f"dead-lettered task {task_id}: its payload is not a task (not JSON), cannot requeue it")
         if isinstance(q, FileQueue):
             q.delete_id(task_id)  # in case it was buried between its record and its delete
@@ -251,6 +253,23 @@ def requeue_dead_letters(spec: str, task_ids: list[str] | None = None, ledger_di
         ledger.drop(task_id)
         count += 1
     return count
+
+
+def unaccounted_tasks(spec: str, expected: int, ledger_dir: str | None = None) -> int:
+    """How many of the `expected` tasks a stage enqueued are neither completed, nor still on the
+    queue, nor dead-lettered: tasks purged or deleted without running. Only a file queue keeps
+    the counts this needs (SQS: 0, nothing is proved there).
+
+    A task counts as completed once, when its worker deletes it (a task finished twice after a
+    lost lease is tallied by the first delete only), and a requeued dead letter is inserted
+    again, so `completed + enqueued + dead >= expected` holds exactly when nothing was lost."""
+    from exaconnect.services.file_queue import FileQueue
+
+    q = open_queue(spec, create=False)
+    if not isinstance(q, FileQueue):
+        return 0
+    dead = FailureLedger.for_queue(spec, ledger_dir).dead_count()
+    return max(0, int(expected) - q.completed - q.enqueued - dead)
 
 
 def purge_dead_letters(spec: str, ledger_dir: str | None = None) -> int:

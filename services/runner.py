@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,13 +24,21 @@ from typing import Callable, Sequence
 
 from exaconnect.errors import ExaconnectError, InputError
 from exaconnect.precomputed.store import ArtifactStore
-from exaconnect.services.stages import Stage, fingerprint, order_stages
+from exaconnect.services.stages import Stage, fingerprint, stage_graph
 
 log = logging.getLogger("exaconnect.runner")
 
 
 class StageFailed(ExaconnectError):
     """A stage ended with dead-lettered tasks (the message says where to look)."""
+
+
+class RunStopped(ExaconnectError):
+    """SIGTERM or Ctrl-C stopped the run; where it stopped is recorded, and a rerun resumes."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,21 @@ class RunnerOptions:
     # for local workers (a lab's own task classes; the fault-injection suite's instrumentation).
     lease_seconds: int | None = None
     task_modules: tuple[str, ...] = ()
+    # Where workers keep their failure ledgers when not inside the file queue: one folder per
+    # service below it (LEDGER_DIR/SERVICE, as `queue work --ledger-dir` is given on PBS and in
+    # the Helm chart). None: each queue's own ledger.
+    ledger_dir: str | None = None
+    # Longest a task of a locally drained stage may run (None: no limit), as `queue work --task-timeout`.
+    task_timeout_seconds: float | None = None
+    # After SIGTERM or Ctrl-C: how long running tasks may take to finish before they are released.
+    grace_seconds: float = 30.0
+    # Hold RECORD/run.lock while running (a second run on the same record refuses, exit 2).
+    lock: bool = True
+
+
+def service_ledger(options: RunnerOptions, service: str) -> str | None:
+    """The failure-ledger folder the workers of `service` use (None: inside the queue)."""
+    return os.path.join(options.ledger_dir, service) if options.ledger_dir else None
 
 
 @dataclass
@@ -104,12 +129,12 @@ def stage_records(record: str) -> dict[str, dict]:
     return out
 
 
-def _enqueue_stage(stage: Stage, queue: str, progress: bool) -> int:
+def _enqueue_stage(stage: Stage, queue: str, progress: bool, ledger_dir: str | None = None) -> int:
     from exaconnect.services.queue import enqueue, open_queue, purge_queue
 
     # An interrupted enqueue (or an older run's tasks) may have left tasks behind: start clean.
     open_queue(queue)
-    purge_queue(queue, dead_letters=True)
+    purge_queue(queue, ledger_dir=ledger_dir, dead_letters=True)
     tasks = list(stage.make_tasks())
     if not tasks:
         return 0
@@ -135,7 +160,8 @@ def _release_local_leases(queue: str) -> None:
             log.info("released %s leases held by workers of an earlier run on %s", count, queue)
 
 
-def _watch(queue: str, total: int, name: str, stop: threading.Event, options: RunnerOptions) -> None:
+def _watch(queue: str, total: int, name: str, stop: threading.Event, options: RunnerOptions,
+           ledger_dir: str | None = None) -> None:
     """Progress of a stage while something else drains its queue: a tqdm bar (rate, time left)
     on a terminal; in a log, one line per tenth of the stage (or per minute) with the same."""
     import sys
@@ -146,7 +172,7 @@ def _watch(queue: str, total: int, name: str, stop: threading.Event, options: Ru
 
     def done_now() -> tuple[int, int]:
         try:
-            status = queue_status(queue)
+            status = queue_status(queue, ledger_dir)
         except ExaconnectError:
             return -1, 0
         return min(total, max(0, total - status.enqueued)), status.failed
@@ -181,7 +207,62 @@ def _watch(queue: str, total: int, name: str, stop: threading.Event, options: Ru
         last_line, last_done = now, done
 
 
-def _drain_locally(stage: Stage, queue: str, count: int, options: RunnerOptions) -> None:
+class StopControl:
+    """SIGTERM and Ctrl-C (SIGINT) while stages run. The first signal stops new tasks and stages
+    and lets running tasks finish; after `grace_seconds`, or on a second signal, running tasks
+    are released (given back to the queue, attempt refunded); ten seconds later workers still
+    running (a task deaf to signals in a C call) are killed and their leases released by the
+    runner. `requests` counts the steps: 1 finish, 2 release, 3 kill."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self.requests = 0
+        self.signum = 0
+        self.done = threading.Event()
+        self.worker = None  # the in-process Worker draining a stage now, if any
+        self._previous: dict = {}
+
+    @property
+    def stopping(self) -> bool:
+        return self.requests > 0
+
+    def install(self) -> "StopControl":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        self.done.set()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requests += 1
+        if self.requests == 1:
+            self.signum = signum
+            name = signal.Signals(signum).name
+            print(f"[run] {name}: starting no new tasks or stages; running tasks get {self.grace_seconds:g} s to "
+                  "finish (send it again to release them now)", file=sys.stderr, flush=True)
+            threading.Thread(target=self._escalate, daemon=True).start()
+        elif self.requests == 2:
+            print("[run] releasing the running tasks now", file=sys.stderr, flush=True)
+        if self.worker is not None and self.requests <= 2:
+            self.worker.request_stop()  # may raise into the task this thread runs: it is released
+
+    def _escalate(self) -> None:
+        for wait in (self.grace_seconds, 10.0):
+            if self.done.wait(wait):
+                return
+            os.kill(os.getpid(), signal.SIGTERM)  # handled as the next step, in the main thread
+
+
+_ACTIVE: list[StopControl] = []  # the outermost run's, shared by runs nested in its process
+
+
+def _drain_locally(stage: Stage, queue: str, count: int, options: RunnerOptions,
+                   control: StopControl | None = None) -> None:
     """Local workers drain the stage's queue. Workers that stop early (SIGTERM, the restart
     limit) leave tasks behind: new ones are started while tasks remain and nothing is
     dead-lettered, a few rounds at most."""
@@ -195,17 +276,35 @@ def _drain_locally(stage: Stage, queue: str, count: int, options: RunnerOptions)
                                    # stall it on every retry of a deterministic failure.
                                    retry_delay_seconds=2.0,
                                    task_modules=tuple(options.task_modules),
+                                   task_timeout_seconds=options.task_timeout_seconds,
+                                   ledger_dir=service_ledger(options, stage.service),
                                    log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING")
+    ledger_dir = service_ledger(options, stage.service)
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(queue, count, stage.name, stop, options), daemon=True)
+    watcher = threading.Thread(target=_watch, args=(queue, count, stage.name, stop, options, ledger_dir), daemon=True)
     watcher.start()
+    stop_requests = (lambda: control.requests) if control is not None else None
     try:
         for _ in range(5):
-            if options.workers == 1:
-                Worker(queue, worker_options).run()
+            if control is not None and control.stopping:
+                break
+            if options.workers == 1 and options.task_timeout_seconds is None:
+                worker = Worker(queue, worker_options, own_sigterm=control is None)
+                if control is not None:
+                    control.worker = worker
+                try:
+                    worker.run()
+                finally:
+                    if control is not None:
+                        control.worker = None
+            elif options.workers == 1:  # a hung task's keeper kills its worker: not this process
+                run_workers(queue, worker_options, processes=1, supervise=True, stop_requests=stop_requests)
             else:
-                run_workers(queue, worker_options, processes=max(1, min(options.workers, count)))
-            status = queue_status(queue)
+                run_workers(queue, worker_options, processes=max(1, min(options.workers, count)),
+                            stop_requests=stop_requests)
+            if control is not None and control.stopping:
+                break
+            status = queue_status(queue, ledger_dir)
             if status.enqueued == 0 or status.failed:
                 break
             log.warning("stage %s: %d tasks left after the workers stopped; starting workers again",
@@ -215,18 +314,20 @@ def _drain_locally(stage: Stage, queue: str, count: int, options: RunnerOptions)
         watcher.join()
 
 
-def _wait_for_remote(stage: Stage, queue: str, count: int, options: RunnerOptions) -> None:
+def _wait_for_remote(stage: Stage, queue: str, count: int, options: RunnerOptions,
+                     control: StopControl | None = None) -> None:
     """Remote workers drain the queue; wait until it is empty, showing progress."""
     from exaconnect.services.queue import queue_status
 
+    ledger_dir = service_ledger(options, stage.service)
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(queue, count, stage.name, stop, options), daemon=True)
+    watcher = threading.Thread(target=_watch, args=(queue, count, stage.name, stop, options, ledger_dir), daemon=True)
     watcher.start()
     last, moved = None, time.monotonic()
     try:
         while True:
-            status = queue_status(queue)
-            if status.enqueued == 0:
+            status = queue_status(queue, ledger_dir)
+            if status.enqueued == 0 or (control is not None and control.stopping):
                 return
             if status.enqueued != last:
                 last, moved = status.enqueued, time.monotonic()
@@ -239,12 +340,12 @@ def _wait_for_remote(stage: Stage, queue: str, count: int, options: RunnerOption
         watcher.join()
 
 
-def _check_dead_letters(stage: Stage, queue: str) -> None:
+def _check_dead_letters(stage: Stage, queue: str, ledger_dir: str | None = None) -> None:
     from exaconnect.services.queue import FailureLedger, queue_status
 
-    status = queue_status(queue)
+    status = queue_status(queue, ledger_dir)
     if status.failed or status.enqueued:
-        ledger = FailureLedger.for_queue(queue)
+        ledger = FailureLedger.for_queue(queue, ledger_dir)
         first = ""
         records = ledger.dead_records()
         if records:
@@ -255,29 +356,133 @@ def _check_dead_letters(stage: Stage, queue: str) -> None:
                           f" (see {ledger.dead_letter}){first}")
 
 
+def _tasks_lost(stage: Stage, queue: str, count: int, options: RunnerOptions) -> bool:
+    """A stage to resume whose queue no longer accounts for all its tasks (purged, dead letters
+    purged) is enqueued afresh: resuming what is left would record it done with work missing."""
+    from exaconnect.services.queue import unaccounted_tasks
+
+    try:
+        lost = unaccounted_tasks(queue, count, service_ledger(options, stage.service))
+    except ExaconnectError:
+        return True  # the queue itself is gone
+    if lost:
+        log.warning("stage %s: %d of its %d tasks are no longer on %s and were never completed (purged?); "
+                    "enqueueing the stage again", stage.name, lost, count, queue)
+    return lost > 0
+
+
+def _check_all_completed(stage: Stage, queue: str, count: int, ledger_dir: str | None = None) -> None:
+    """Completion is proved by the queue's own count, not assumed from an empty queue."""
+    from exaconnect.services.queue import unaccounted_tasks
+
+    lost = unaccounted_tasks(queue, count, ledger_dir)
+    if lost:
+        raise StageFailed(f"stage {stage.name}: its queue {queue} completed {count - lost} of {count} tasks and no "
+                          f"longer holds the other {lost} (purged or deleted while it ran?); rerun to enqueue "
+                          "the stage again")
+
+
 def run_stages(stages: Sequence[Stage], options: RunnerOptions,
                on_complete: Callable[[Stage, StageResult], None] | None = None) -> RunReport:
-    """Run `stages` to completion (see the module docstring); returns what each stage did."""
+    """Run `stages` to completion (see the module docstring); returns what each stage did.
+
+    The run holds RECORD/run.lock (`run_lock`), and stops on SIGTERM or Ctrl-C (`StopControl`):
+    nothing new starts, running tasks finish or are released, `stopped.json` in the record says
+    where it stopped, and RunStopped is raised; the next run resumes there."""
     if options.workers < 0:
         raise InputError(f"--workers {options.workers}: expected 0 (remote workers) or more")
-    ordered = order_stages(stages)
+    from exaconnect.services.run_lock import RunLock
+
+    ordered = stage_graph(stages)
     store = ArtifactStore(options.record)
+    lock = RunLock(store.root) if options.lock and store.root is not None else None
+    if lock is not None:
+        lock.acquire()
+    outermost = not _ACTIVE
+    control = StopControl(options.grace_seconds).install() if outermost else _ACTIVE[0]
+    _ACTIVE.append(control)
+    try:
+        return _run_ordered(ordered, options, store, control, on_complete)
+    finally:
+        _ACTIVE.pop()
+        if outermost:
+            control.uninstall()
+        if lock is not None:
+            lock.release()
+
+
+def _stopped(control: StopControl, store: ArtifactStore, stage: Stage | None, queue: str | None,
+             options: RunnerOptions) -> RunStopped:
+    """Release what local workers still held, record where the run stopped, and say so."""
+    left = None
+    if stage is not None and queue is not None:
+        from exaconnect.services.queue import queue_status
+
+        if options.workers > 0:
+            try:
+                _release_local_leases(queue)
+            except ExaconnectError:
+                pass
+        try:
+            left = queue_status(queue, service_ledger(options, stage.service)).enqueued
+        except ExaconnectError:
+            pass
+    name = signal.Signals(control.signum).name if control.signum else "a stop request"
+    where = f"during stage {stage.name} ({left} of its tasks left on {queue})" if stage is not None else \
+        "between stages"
+    store.put_json("stopped.json", {"signal": name, "stage": stage.name if stage is not None else None,
+                                    "tasks_left": left, "queue": queue, "time": time.time(), "pid": os.getpid()})
+    return RunStopped(f"stopped by {name} {where}; rerun the same command to resume", control.signum or signal.SIGTERM)
+
+
+def _tasks_left(stage: Stage, queue: str, options: RunnerOptions) -> bool:
+    from exaconnect.services.queue import queue_status
+
+    try:
+        return queue_status(queue, service_ledger(options, stage.service)).enqueued > 0
+    except ExaconnectError:
+        return True
+
+
+def _outputs_gone(stage: Stage, record: dict) -> str:
+    from exaconnect.services.stage_outputs import missing_output
+
+    return missing_output(record.get("outputs") or {})
+
+
+def _run_ordered(ordered: list, options: RunnerOptions, store: ArtifactStore, control: StopControl,
+                 on_complete: Callable[[Stage, StageResult], None] | None) -> RunReport:
+    from exaconnect.services.stage_outputs import existing_outputs
+
     prints: dict[str, str] = {}
     report = RunReport()
+    earlier_stop = store.get_json("stopped.json")
+    if earlier_stop and options.progress:
+        print(f"[run] resuming a run stopped by {earlier_stop.get('signal')} "
+              + (f"during stage {earlier_stop['stage']}" if earlier_stop.get("stage") else "between stages"), flush=True)
     for stage in ordered:
-        prints[stage.name] = fp = fingerprint(stage, [prints[r] for r in stage.requires])
+        prints[stage.name] = fp = fingerprint(stage, [prints[r.name] for r in stage.requires()])
         queue = service_queue(options.queue_root, stage.service)
         record = store.get_json(_record_key(stage))
         if record is not None and record.get("fingerprint") == fp:
-            result = StageResult(stage.name, "skipped", int(record.get("tasks", 0)), 0.0, fp)
-            report.results[stage.name] = result
-            log.info("stage %s: complete from an earlier run, skipped", stage.name)
-            if options.progress:
-                print(f"[run] {stage.name}: done earlier ({result.tasks} tasks), skipped", flush=True)
-            continue
+            gone = _outputs_gone(stage, record)
+            if not gone:
+                result = StageResult(stage.name, "skipped", int(record.get("tasks", 0)), 0.0, fp)
+                report.results[stage.name] = result
+                log.info("stage %s: complete from an earlier run, skipped", stage.name)
+                if options.progress:
+                    print(f"[run] {stage.name}: done earlier ({result.tasks} tasks), skipped", flush=True)
+                continue
+            log.warning("stage %s: complete from an earlier run, but %s; running it again", stage.name, gone)
+            print(f"[run] {stage.name}: done earlier, but {gone}; running it again", file=sys.stderr, flush=True)
+            store.delete(_record_key(stage))
+            store.delete(_enqueued_key(stage))
+        if control.stopping:
+            raise _stopped(control, store, None, None, options)
         started = time.perf_counter()
         enqueued = store.get_json(_enqueued_key(stage))
-        if enqueued is not None and enqueued.get("fingerprint") == fp:
+        if enqueued is not None and enqueued.get("fingerprint") == fp and \
+                not _tasks_lost(stage, queue, int(enqueued["tasks"]), options):
             count = int(enqueued["tasks"])
             log.info("stage %s: resuming its %d tasks on %s", stage.name, count, queue)
             if options.progress:
@@ -286,27 +491,35 @@ def run_stages(stages: Sequence[Stage], options: RunnerOptions,
                 _release_local_leases(queue)
         else:
             store.delete(_record_key(stage))
-            count = _enqueue_stage(stage, queue, options.progress)
+            count = _enqueue_stage(stage, queue, options.progress, service_ledger(options, stage.service))
             store.put_json(_enqueued_key(stage), {"fingerprint": fp, "tasks": count, "queue": queue,
                                                   "time": time.time()})
         if count:
-            if options.workers > 0:
-                _drain_locally(stage, queue, count, options)
-            else:
-                _wait_for_remote(stage, queue, count, options)
-            _check_dead_letters(stage, queue)
+            if not control.stopping:
+                if options.workers > 0:
+                    _drain_locally(stage, queue, count, options, control)
+                else:
+                    _wait_for_remote(stage, queue, count, options, control)
+            if control.stopping and _tasks_left(stage, queue, options):
+                raise _stopped(control, store, stage, queue, options)
+            _check_dead_letters(stage, queue, service_ledger(options, stage.service))
+            _check_all_completed(stage, queue, count, service_ledger(options, stage.service))
         seconds = time.perf_counter() - started
         result = StageResult(stage.name, "done", count, seconds, fp)
+        writes = list(stage.writes())
         store.put_json(_record_key(stage), {"fingerprint": fp, "tasks": count, "seconds": seconds,
-                                            "finished": time.time(), "reads": list(stage.reads),
-                                            "writes": list(stage.writes), "requires": list(stage.requires),
-                                            "parameters": dict(stage.parameters)})
+                                            "finished": time.time(), "reads": list(stage.reads()),
+                                            "writes": writes, "outputs": existing_outputs(writes),
+                                            "requires": [r.name for r in stage.requires()],
+                                            "parameters": stage.parameters()})
         store.delete(_enqueued_key(stage))
         report.results[stage.name] = result
         if options.progress:
             print(f"[run] {stage.name}: {count} tasks in {seconds:.1f}s", flush=True)
         if on_complete is not None:
             on_complete(stage, result)
+    if earlier_stop:
+        store.delete("stopped.json")
     return report
 
 

@@ -15,11 +15,14 @@ and its halo only.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 from taskqueue import RegisteredTask
 
 from exaconnect.errors import InputError
+from exaconnect.services.stages import Stage
 from exaconnect.precomputed.bbox import Box, chunk_grid
 from exaconnect.precomputed.layers import (
     LayerSpec,
@@ -147,3 +150,65 @@ def create_partition_tasks(labels: str, dest: str, lom_radius_zyx, thresholds, m
     return [PartitionTask(layer_url(labels), layer_url(dest), cell.write.to_list(),
                           [int(r) for r in lom_radius_zyx], [float(t) for t in thresholds], int(min_size))
             for cell in chunk_grid(box, block_size, align_to=block_size, grid_origin=bounds.start)]
+
+
+@dataclass(frozen=True)
+class TrainDemoModel(Stage):
+    """The small demo FFN, trained a fixed number of steps from `config` (a training config mapping)."""
+
+    service: ClassVar[str] = "train"
+    stage_name: ClassVar[str] = "train.demo-model"
+    lease_seconds: ClassVar[int] = 3600
+    description: ClassVar[str] = "the small demo FFN, a fixed number of steps"
+    config: Mapping[str, Any]
+    out_dir: str
+
+    def make_tasks(self) -> list:
+        return [TrainTask(json.dumps(dict(self.config)), "demo-model")]
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.out_dir,)
+
+
+@dataclass(frozen=True)
+class TrainEvaluate(Stage):
+    """Every pending checkpoint of a training run segmented on its evaluation boxes."""
+
+    service: ClassVar[str] = "train"
+    stage_name: ClassVar[str] = "train.evaluate"
+    description: ClassVar[str] = "checkpoint evaluation"
+    run_dir: str
+    every_steps: int | None = None
+    steps: tuple[int, ...] | None = None
+    pending: tuple[int, ...] = ()
+
+    def make_tasks(self) -> list:
+        return create_evaluation_tasks(self.run_dir, self.every_steps, list(self.steps) if self.steps else None)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.run_dir,)
+
+
+@dataclass(frozen=True)
+class TrainPartition(Stage):
+    """The partition volume (local object masks by threshold) of a labels volume, per block."""
+
+    service: ClassVar[str] = "train"
+    stage_name: ClassVar[str] = "train.partition"
+    description: ClassVar[str] = "partition volume for training"
+    labels: str
+    dest: str
+    lom_radius_zyx: tuple[int, int, int]
+    thresholds: tuple[float, ...]
+    min_size: int = 10000
+    block_size: tuple[int, int, int] = (256, 256, 256)
+
+    def make_tasks(self) -> list:
+        return create_partition_tasks(self.labels, self.dest, self.lom_radius_zyx, list(self.thresholds),
+                                      self.min_size, self.block_size)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.labels,)
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.dest,)

@@ -17,6 +17,14 @@ worker took the task), and the keeper tells the worker (SIGUSR1: the task is aba
 Python bytecode) and, if the worker does not answer within `lost_lease_grace_seconds` because a C
 call holds the GIL, kills it, so the task never completes twice concurrently.
 
+Time limits (`task_timeout_seconds`, `queue work --task-timeout`): the keeper also watches how
+long the running task has run. Past the limit it tells the worker (SIGUSR2: the task raises
+`TaskTimedOut` at the next bytecode and fails as any task does, "timed out after N s"); if the
+worker does not answer within `lost_lease_grace_seconds` (a C call holds the GIL, or signals are
+blocked), the keeper records the failure itself, kills the worker, and gives the task back to
+the queue (or buries it at `max_attempts`). Either way the timeout used up one attempt, so a task
+that always hangs ends in the dead letter instead of holding a worker forever.
+
 Exit codes (worker and `--processes` supervisor alike; documented in docs/queue.md):
 0 all leased tasks done (or stopped by SIGTERM), 2 bad options or queue, 3 tasks were
 dead-lettered, 4 a worker process died (signal or crash) and was replaced, 5 both 3 and 4,
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import math
 import importlib
 import json
 import logging
@@ -74,6 +83,8 @@ class WorkerOptions:
     retry_delay_seconds: float | None = None  # after a failure; None: the lease time
     max_restarts: int = 100  # replacements of dead worker processes per supervisor
     lost_lease_grace_seconds: float = 5.0
+    # Longest a task may run (None: no limit); counted as a failed attempt when exceeded.
+    task_timeout_seconds: float | None = None
     # Spawned worker processes log at this level: INFO for a worker's own log; WARNING when the
     # stage runner drains a stage locally and shows its progress itself.
     log_level: str = "INFO"
@@ -86,6 +97,9 @@ class WorkerOptions:
             raise QueueError(f"--max-attempts {self.max_attempts}: must be at least 1")
         if self.max_restarts < 0:
             raise QueueError(f"--max-restarts {self.max_restarts}: must be 0 or more")
+        timeout = self.task_timeout_seconds
+        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise QueueError(f"--task-timeout {timeout}: expected a positive number of seconds")
 
 
 class _StopRequested(Exception):
@@ -94,6 +108,15 @@ class _StopRequested(Exception):
 
 class _LeaseLost(Exception):
     pass
+
+
+class TaskTimedOut(BaseException):
+    """Raised inside a task that ran past its time limit (a BaseException, so that a task's own
+    `except Exception` cannot swallow it)."""
+
+
+def timeout_reason(seconds: float) -> str:
+    return f"timed out after {seconds:g} s"
 
 
 def task_box(task) -> list[int] | None:
@@ -162,7 +185,7 @@ class LeaseSlot:
     """The lease a worker is running, in shared memory: the worker sets and takes it, its lease
     keeper renews it, and a supervising parent reads it to name the task of a worker that died."""
 
-    IDLE, RUNNING, LOST = 0, 1, 2
+    IDLE, RUNNING, LOST, TIMED_OUT, KILLED = 0, 1, 2, 3, 4
 
     def __init__(self, context=None) -> None:
         context = context or _fork_context()
@@ -173,6 +196,7 @@ class LeaseSlot:
         self._attempts = context.RawValue(ctypes.c_int, 0)
         self._state = context.RawValue(ctypes.c_int, 0)
         self._expires = context.RawValue(ctypes.c_double, 0.0)
+        self._started = context.RawValue(ctypes.c_double, 0.0)
 
     def acquire(self) -> bool:
         # A timeout, so that a keeper killed while holding the lock cannot hang the worker.
@@ -193,11 +217,17 @@ class LeaseSlot:
     def expires(self) -> float:
         return self._expires.value
 
+    @property
+    def started(self) -> float:
+        return self._started.value
+
     def lease(self) -> Lease:
         return Lease(self._shard.value, self._name.value.decode(), self.task_id, self._attempts.value, "")
 
-    def put(self, state: int, lease: Lease | None = None, expires: float = 0.0) -> None:
+    def put(self, state: int, lease: Lease | None = None, expires: float = 0.0, started: float | None = None) -> None:
         self._state.value = state
+        if started is not None:
+            self._started.value = started
         if lease is not None:
             self._name.value = lease.name.encode()
             self._task_id.value = lease.task_id.encode()
@@ -218,11 +248,13 @@ def _say(message: str) -> None:
     os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {os.getpid()} lease-keeper: {message}\n".encode())
 
 
-def _keeper_loop(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, worker_pid: int) -> None:
+def _keeper_loop(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, worker_pid: int,
+                 ledger_root: str | None = None) -> None:
     lease_seconds = int(options.lease_seconds)
     renew_before = lease_seconds * 2 / 3  # renew when two thirds of the lease are left
     last_beat = 0.0
     lost_at = None
+    timed_out_at = None
     while True:
         if os.getppid() != worker_pid:
             return  # the worker is gone; its lease runs out by itself
@@ -230,23 +262,44 @@ def _keeper_loop(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, work
         if options.heartbeat and now - last_beat >= HEARTBEAT_SECONDS:
             write_heartbeat(options.heartbeat)
             last_beat = now
-        notify = False
+        notify = timeout_notify = False
         if slot.acquire():
             try:
                 state = slot.state
                 if state != LeaseSlot.LOST:
                     lost_at = None
-                if state == LeaseSlot.RUNNING and slot.expires - now <= renew_before:
+                if state != LeaseSlot.TIMED_OUT:
+                    timed_out_at = None
+                limit = options.task_timeout_seconds
+                if state == LeaseSlot.RUNNING and limit is not None and now - slot.started > limit:
+                    slot.put(LeaseSlot.TIMED_OUT)
+                    state, timed_out_at, timeout_notify = LeaseSlot.TIMED_OUT, now, True
+                    task_id = slot.task_id
+                elif state == LeaseSlot.TIMED_OUT and timed_out_at is not None and \
+                        now - timed_out_at > options.lost_lease_grace_seconds:
+                    # The worker did not stop its task: end it here, under the slot lock, so that
+                    # the worker cannot meanwhile report the task done or failed.
+                    lease = slot.lease()
+                    slot.put(LeaseSlot.KILLED)
+                    _say(f"task {lease.task_id} {timeout_reason(limit)} and worker {worker_pid} did not stop it "
+                         f"within {options.lost_lease_grace_seconds:g} s (a C call holds the GIL?); killing it")
+                    os.kill(worker_pid, signal.SIGKILL)
+                    _give_back_timed_out(queue, options, lease, ledger_root)
+                    return
+                if state in (LeaseSlot.RUNNING, LeaseSlot.TIMED_OUT) and slot.expires - now <= renew_before:
                     lease = slot.lease()
                     task_id = lease.task_id
                     renewed = queue.renew(lease, lease_seconds)
                     if renewed is None:
                         slot.put(LeaseSlot.LOST)
-                        lost_at, notify = now, True
+                        lost_at, notify, timed_out_at = now, True, None
                     else:
-                        slot.put(LeaseSlot.RUNNING, renewed, now + lease_seconds)
+                        slot.put(state, renewed, now + lease_seconds)
             finally:
                 slot.release()
+        if timeout_notify:
+            _say(f"task {task_id} {timeout_reason(options.task_timeout_seconds)}; stopping it in worker {worker_pid}")
+            os.kill(worker_pid, signal.SIGUSR2)
         if notify:
             _say(f"lease of task {task_id} was lost (it ran out and another worker took the task); "
                  f"abandoning it in worker {worker_pid}")
@@ -259,7 +312,31 @@ def _keeper_loop(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, work
         time.sleep(0.5)
 
 
-def _start_keeper(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot) -> int:
+def _give_back_timed_out(queue: FileQueue, options: WorkerOptions, lease: Lease, ledger_root: str | None) -> None:
+    """After killing a worker whose task ran past its limit: record the attempt, and hand the
+    task back for a retry, or bury it when that was its last attempt (the worker cannot)."""
+    reason = timeout_reason(options.task_timeout_seconds or 0)
+    error = f"TaskTimedOut: {reason} (the task did not stop when told; its worker was killed)"
+    try:
+        ledger = FailureLedger(ledger_root) if ledger_root else None
+        if lease.attempts >= options.max_attempts:
+            text = queue.read(lease.task_id) if hasattr(queue, "read") else None
+            if ledger is not None:
+                ledger.record_failure(lease.task_id, None, error, attempt=lease.attempts)
+                ledger.bury(lease.task_id, _payload_or_text(text) if text else None,
+                            f"{reason}; failed {lease.attempts} times", lease.attempts)
+            queue.delete(lease, tally=False)
+            _say(f"task {lease.task_id} moved to the dead letter: {reason}; failed {lease.attempts} times")
+        else:
+            if ledger is not None:
+                ledger.record_failure(lease.task_id, None, error, attempt=lease.attempts)
+            delay = options.lease_seconds if options.retry_delay_seconds is None else options.retry_delay_seconds
+            queue.release(lease, int(delay))
+    except Exception as exc:  # the lease then runs out by itself, and the next lease counts the attempt
+        _say(f"could not give back timed-out task {lease.task_id}: {exc!r}")
+
+
+def _start_keeper(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, ledger_root: str | None = None) -> int:
     worker_pid = os.getpid()
     pid = os.fork()
     if pid == 0:  # the keeper
@@ -270,7 +347,7 @@ def _start_keeper(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot) -> 
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `with`/finally release the slot lock
             if hasattr(queue, "after_fork"):
                 queue.after_fork()
-            _keeper_loop(queue, options, slot, worker_pid)
+            _keeper_loop(queue, options, slot, worker_pid, ledger_root)
         except SystemExit:
             pass
         except BaseException as exc:  # pragma: no cover - reported, and the worker restarts us
@@ -294,10 +371,14 @@ def _stop_keeper(pid: int | None) -> None:
 # ---------------------------------------------------------------- the worker
 
 class Worker:
-    def __init__(self, queue: str, options: WorkerOptions, slot: LeaseSlot | None = None) -> None:
+    def __init__(self, queue: str, options: WorkerOptions, slot: LeaseSlot | None = None,
+                 own_sigterm: bool = True) -> None:
         self.queue_spec = queue
         self.options = options
         self.slot = slot
+        # False: the caller (the stage runner, draining a stage in its own process) keeps its
+        # SIGTERM handler and calls `request_stop` itself.
+        self.own_sigterm = own_sigterm
         self.stopping = False
         self.completed = 0
         self.failed = 0
@@ -305,6 +386,11 @@ class Worker:
         self.abandoned = 0
         self._interruptible = False
         self._builtins_registered = False
+
+    def request_stop(self) -> None:
+        """As SIGTERM: the first call finishes the running task and stops; a second one, made while
+        a task runs, releases it now (from a signal handler of the thread running the task)."""
+        self._on_sigterm(signal.SIGTERM, None)
 
     def _on_sigterm(self, signum, frame) -> None:
         if self.stopping and self._interruptible:
@@ -319,6 +405,11 @@ class Worker:
             self._interruptible = False
             raise _LeaseLost()
 
+    def _on_timeout(self, signum, frame) -> None:
+        if self._interruptible:
+            self._interruptible = False
+            raise TaskTimedOut(timeout_reason(self.options.task_timeout_seconds or 0))
+
     def run(self) -> int:
         try:
             faulthandler.enable()  # a segfault in a decoder leaves the Python stack in the log
@@ -329,6 +420,10 @@ class Worker:
         from exaconnect.precomputed.chunks import install_chunk_guard
 
         install_chunk_guard()
+        # Mips that igneous's DownsampleTask derives get checksum manifests, as our tasks' output does.
+        from exaconnect.precomputed.checksums import checksum_downsample_output
+
+        checksum_downsample_output()
         for name in self.options.task_modules:
             importlib.import_module(name)
         queue = open_queue(self.queue_spec, create=self.options.create_queue)
@@ -341,9 +436,12 @@ class Worker:
         slot = self.slot or LeaseSlot()
         if self.options.heartbeat:
             write_heartbeat(self.options.heartbeat)
-        keeper = _start_keeper(queue, self.options, slot)
-        previous = {sig: signal.signal(sig, handler) for sig, handler in
-                    ((signal.SIGTERM, self._on_sigterm), (signal.SIGUSR1, self._on_lease_lost))}
+        self._ledger_root = str(ledger.root)
+        keeper = _start_keeper(queue, self.options, slot, self._ledger_root)
+        handlers = [(signal.SIGUSR1, self._on_lease_lost), (signal.SIGUSR2, self._on_timeout)]
+        if self.own_sigterm:
+            handlers.append((signal.SIGTERM, self._on_sigterm))
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers}
         idle = 0
         try:
             while not self.stopping:
@@ -385,7 +483,7 @@ class Worker:
         if done == 0:
             return keeper
         log.error("lease keeper %d exited (status %d); starting a new one", keeper, status)
-        return _start_keeper(queue, self.options, slot)
+        return _start_keeper(queue, self.options, slot, self._ledger_root)
 
     def _build(self, lease: Lease):
         """(task, payload) from the lease's text, registering our task modules on first need."""
@@ -432,7 +530,7 @@ class Worker:
             box = None
         if slot.acquire():
             expires = lease.expires if lease.shard >= 0 else time.time() + self.options.lease_seconds
-            slot.put(LeaseSlot.RUNNING, lease, expires)
+            slot.put(LeaseSlot.RUNNING, lease, expires, started=time.time())
             slot.release()
         log.info("task %s (%s, box %s) started, attempt %d/%d", task_id, name, box, lease.attempts, max_attempts)
         self.boxes.mark(task, "running", box)
@@ -446,6 +544,8 @@ class Worker:
             outcome = "released"
         except _LeaseLost:
             outcome = "lost"
+        except TaskTimedOut:
+            outcome, error = "failed", traceback.format_exc()
         except Exception:
             self._interruptible = False
             outcome, error = "failed", traceback.format_exc()
@@ -521,15 +621,22 @@ def _how(exitcode: int) -> str:
     return f"exit code {exitcode}"
 
 
-def run_workers(queue: str, options: WorkerOptions, processes: int = 1) -> int:
+def run_workers(queue: str, options: WorkerOptions, processes: int = 1, supervise: bool = False,
+                stop_requests=None) -> int:
     """Run one worker here, or `processes` supervised workers as separate processes (spawned, not
-    forked, because TensorFlow and thread pools do not survive fork). A worker process that dies
+    forked, because TensorFlow and thread pools do not survive fork); `supervise` runs even a
+    single worker as a child (a keeper that ends a hung task kills its worker, which must then not
+    be the caller's own process). A worker process that dies
     (a signal, or a crash) is logged with the signal and the task it was running, the task's
     failure ledger gets the death, and the process is replaced, up to `options.max_restarts`
-    times. Returns an exit code (see the module docstring)."""
+    times. Returns an exit code (see the module docstring).
+
+    `stop_requests` (the stage runner's): a function returning how many stops were asked for so
+    far; the supervisor then leaves SIGTERM to its caller and polls it: 1 tells each worker to
+    finish its task and exit, 2 to release it now, 3 kills the workers (a task deaf to both)."""
     if processes < 1:
         raise QueueError(f"--processes {processes}: must be at least 1")
-    if processes == 1:
+    if processes == 1 and not supervise:
         return Worker(queue, options).run()
     from multiprocessing.connection import wait
 
@@ -555,16 +662,25 @@ def run_workers(queue: str, options: WorkerOptions, processes: int = 1) -> int:
             if child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = signal.signal(signal.SIGTERM, forward) if stop_requests is None else None
     restarts = died = 0
     dead_lettered = gave_up = False
     last_beat = 0.0
+    stops_sent = 0
     try:
         while children:
             if options.heartbeat and time.time() - last_beat >= HEARTBEAT_SECONDS:
                 write_heartbeat(options.heartbeat)
                 last_beat = time.time()
-            for sentinel in wait(list(children), timeout=1.0):
+            if stop_requests is not None:
+                wanted = stop_requests()
+                while stops_sent < wanted:
+                    stops_sent += 1
+                    stopping = True
+                    for child, _ in list(children.values()):
+                        if child.is_alive():
+                            os.kill(child.pid, signal.SIGTERM if stops_sent < 3 else signal.SIGKILL)
+            for sentinel in wait(list(children), timeout=1.0 if stop_requests is None else 0.2):
                 child, slot = children.pop(sentinel)
                 child.join()
                 code = child.exitcode
@@ -576,7 +692,12 @@ def run_workers(queue: str, options: WorkerOptions, processes: int = 1) -> int:
                     gave_up = True
                     continue
                 died += 1
-                if slot.state == LeaseSlot.RUNNING and slot.task_id:
+                if slot.state == LeaseSlot.KILLED and slot.task_id:
+                    # Its keeper ended it for running past --task-timeout, and recorded that itself.
+                    log.error("worker %d was killed by its lease keeper: task %s %s", child.pid, slot.task_id,
+                              timeout_reason(options.task_timeout_seconds or 0))
+                    dead_lettered |= bool(ledger.dead_letter.joinpath(f"{slot.task_id}.json").exists())
+                elif slot.state in (LeaseSlot.RUNNING, LeaseSlot.TIMED_OUT) and slot.task_id:
                     task_id = slot.task_id
                     ledger.record_death(task_id, _how(code), child.pid)
                     log.error("worker %d died (%s) while running task %s", child.pid, _how(code), task_id)
@@ -600,7 +721,8 @@ def run_workers(queue: str, options: WorkerOptions, processes: int = 1) -> int:
                 child.terminate()
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if gave_up:
         return EXIT_GAVE_UP
     if died:

@@ -9,7 +9,7 @@ from exaconnect.errors import InputError
 from exaconnect.align.coarse import CoarseConfig, estimate_translation, fit_affine, fit_rigid, rotation_degrees
 from exaconnect.align.flow import (FlowConfig, cross_correlate, estimate_flow, find_peaks, grid_points,
                                                section_mask)
-from exaconnect.align.mesh import (MeshConfig, block_ranges, compose, compose_blocks, detrend_meshes,
+from exaconnect.align.mesh import (SpringMeshConfig, block_ranges, compose, compose_blocks, detrend_meshes,
                                                identity_mesh, relax_mesh)
 from exaconnect.align.warp import region_map, render_section
 
@@ -103,7 +103,7 @@ def test_flow_config_validation():
     with pytest.raises(InputError):
         FlowConfig(patch_size=4)
     with pytest.raises(InputError):
-        MeshConfig(detrend="quadratic")
+        SpringMeshConfig(detrend="quadratic")
 
 
 def test_fit_affine_and_rigid():
@@ -123,7 +123,7 @@ def test_fit_affine_and_rigid():
 
 
 def test_relax_mesh_rigid_targets_exact_and_holes_bridged():
-    config = MeshConfig(stride=20)
+    config = SpringMeshConfig(stride=20)
     rest = identity_mesh((200, 200), 20)
     angle = np.radians(0.8)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
@@ -158,7 +158,7 @@ def test_compose_and_blocks():
 
 
 def test_block_anchor_avoids_sections_skipped_over():
-    config = MeshConfig(block_size=10, block_overlap=3)
+    config = SpringMeshConfig(block_size=10, block_overlap=3)
     plain = block_ranges(24, config)
     assert plain[0] == (0, 10) and plain[1][0] == 6 and plain[-1][1] == 24
     # Section 6 is inverted and 7 matched 5: no block may start at 6 or 7 (7 skips over 6).
@@ -214,10 +214,10 @@ def test_drift_prior_removes_slow_motion_and_keeps_jumps():
     # An aligned stack with only drift comes out where it went in.
     still = remove_drift({z: identity + drift[z] for z in range(n)}, identity, list(range(n)), 2.0)
     assert max(np.abs(still[z] - identity).max() for z in range(n)) < 0.3
-    config = MeshConfig(stride=stride)
+    config = SpringMeshConfig(stride=stride)
     assert drift_window_for({z: identity + drift[z] for z in range(n)}, identity, list(range(n)), config) <= 2.0
     assert drift_window_for(meshes, identity, list(range(n)), config) > 30  # ~11.5 px per axis / 0.25 px
-    assert drift_window_for(meshes, identity, list(range(n)), MeshConfig(stride=stride, drift_window=7.0)) == 7.0
+    assert drift_window_for(meshes, identity, list(range(n)), SpringMeshConfig(stride=stride, drift_window=7.0)) == 7.0
 
 
 def test_config_validation_names_the_option_and_round_trips():
@@ -225,7 +225,7 @@ def test_config_validation_names_the_option_and_round_trips():
 
     for bad, name in ((dict(drift_prior="spring"), "drift_prior"), (dict(drift_window=-1.0), "drift_window")):
         with pytest.raises(InputError, match=name):
-            MeshConfig(**bad)
+            SpringMeshConfig(**bad)
     for bad, name in ((dict(taper=0.7), "taper"), (dict(highpass_sigma=-1.0), "highpass_sigma"),
                       (dict(tile_size=100), "tile_size"), (dict(refine_iterations=0), "refine_iterations")):
         with pytest.raises(InputError, match=name):
@@ -233,10 +233,10 @@ def test_config_validation_names_the_option_and_round_trips():
     with pytest.raises(InputError, match="max_skip"):
         AlignConfig(max_skip=0)
     config = AlignConfig(flow=FlowConfig(patch_size=48, stride=12, highpass_sigma=4.0),
-                         mesh=MeshConfig(stride=12, drift_prior="none", drift_window=9.0))
+                         mesh=SpringMeshConfig(stride=12, drift_prior="none", drift_window=9.0))
     assert AlignConfig.from_dict(config.as_dict()) == config
     assert FlowConfig.from_dict(config.flow.as_dict()) == config.flow
-    assert MeshConfig.from_dict(config.mesh.as_dict()) == config.mesh
+    assert SpringMeshConfig.from_dict(config.mesh.as_dict()) == config.mesh
 
 
 def test_prepared_reference_transforms_are_reused():

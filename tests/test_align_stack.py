@@ -11,7 +11,7 @@ import pytest
 from exaconnect.errors import InputError
 from exaconnect.align.flow import FlowConfig, grid_points
 from exaconnect.align.match import AlignConfig, align_in_memory, config_for_shape
-from exaconnect.align.mesh import MeshConfig
+from exaconnect.align.mesh import SpringMeshConfig
 from exaconnect.align.perturb import PerturbConfig, misalign_sample, misalign_stack
 from exaconnect.align.quality import chunked_correlation, end_point_error, neighbor_end_point_error
 from exaconnect.services.align import (align_report, align_stack_through_queue, create_align_render_tasks, get_file,
@@ -19,7 +19,7 @@ from exaconnect.services.align import (align_report, align_stack_through_queue, 
 from exaconnect.services.ingest import IngestOptions, ingest_now
 
 # 250 px sections: 64 px patches every 16 px (SOFIMA's 160/40 leaves almost no interior grid).
-CONFIG = AlignConfig(flow=FlowConfig(patch_size=64, stride=16), mesh=MeshConfig(stride=16, block_size=12, block_overlap=3))
+CONFIG = AlignConfig(flow=FlowConfig(patch_size=64, stride=16), mesh=SpringMeshConfig(stride=16, block_size=12, block_overlap=3))
 SECTIONS = 30
 BLANK, INVERTED, FOLDED = 7, 15, 22
 
@@ -49,7 +49,7 @@ def test_identity_stack_stays_put(fib25_image):
     from exaconnect.align.match import finalize_meshes, solve_in_memory
 
     stack = fib25_image[100:124]
-    config = AlignConfig(flow=CONFIG.flow, mesh=MeshConfig(stride=16, block_size=12, block_overlap=3))
+    config = AlignConfig(flow=CONFIG.flow, mesh=SpringMeshConfig(stride=16, block_size=12, block_overlap=3))
     blocks, statuses, matches = solve_in_memory(stack, config)
     assert all(m.status in ("ok", "first") for m in matches.values())
     identity = grid_points(stack.shape[1:], 16)
@@ -213,10 +213,10 @@ def test_flow_task_matches_big_sections_in_tiles(tmp_path):
     np.save(tmp_path / "big.npy", stack)
     src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
     ingest_now(str(tmp_path / "big.npy"), src, IngestOptions("image", (10, 10, 10), chunk_size=(128, 128, 3)), progress=False)
-    config = AlignConfig(flow=FlowConfig(patch_size=48, stride=16, tile_size=256), mesh=MeshConfig(stride=16))
+    config = AlignConfig(flow=FlowConfig(patch_size=48, stride=16, tile_size=256), mesh=SpringMeshConfig(stride=16))
     (task,) = create_align_flow_tasks(src, dest, config)
     task.execute()
-    whole = AlignConfig(flow=FlowConfig(patch_size=48, stride=16, tile_size=0), mesh=MeshConfig(stride=16))
+    whole = AlignConfig(flow=FlowConfig(patch_size=48, stride=16, tile_size=0), mesh=SpringMeshConfig(stride=16))
     for z in (1, 2):
         assert load_section_report(dest, z)["status"] == "ok"
         tiled = load_section_flow(dest, z)

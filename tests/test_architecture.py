@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Top-level folders and the package each is installed as (pyproject.toml's package-dir).
 FOLDERS = {"exaconnect": "exaconnect", "precomputed": "exaconnect.precomputed", "services": "exaconnect.services",
-           "ffn": "exaconnect.ffn", "align": "exaconnect.align", "viewer": "exaconnect.viewer"}
+           "ffn": "exaconnect.ffn", "align": "exaconnect.align", "viewer": "exaconnect.viewer",
+           "montage": "exaconnect.montage"}
 PACKAGES = {package: folder for folder, package in FOLDERS.items()}
 # What each kernel folder may import from the others.
 ALLOWED = {
@@ -19,7 +20,8 @@ ALLOWED = {
     "align": {"precomputed"},
     "ffn": {"precomputed"},
     "viewer": {"precomputed"},
-    "services": {"precomputed", "align", "ffn", "viewer"},
+    "montage": {"precomputed"},
+    "services": {"precomputed", "align", "ffn", "viewer", "montage"},
 }
 
 
@@ -39,6 +41,52 @@ def _folder_of(module: str) -> str | None:
     folder = PACKAGES[best]
     # exaconnect.<x> where x is not another folder's package stays in exaconnect/.
     return folder
+
+
+def imported_modules(folder: str) -> set[str]:
+    """Every module of ours that the files of `folder` import (absolute names)."""
+    out: set[str] = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                out |= {alias.name for alias in node.names if alias.name.startswith("exaconnect")}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                if node.module.startswith("exaconnect"):
+                    out.add(node.module)
+    return out
+
+
+# What exaconnect/ (the CLI and the pipeline) imports from the kernels directly instead of through
+# services/, and why. Anything else goes through a service; a new direct import fails the test
+# below until it is listed here with its reason.
+EDGE_IMPORTS = {
+    "exaconnect.precomputed.bbox": "boxes and triples parsed at the edge (--bbox, --resolution)",
+    "exaconnect.precomputed.layers": "layer names normalised once, at the edge; `layer info` reads one info file",
+    "exaconnect.precomputed.config_loader": "the one strict config loader, for the pipeline file",
+    "exaconnect.precomputed.synthetic": "the built-in sample that `exaconnect sample` and the pipeline's source write",
+    "exaconnect.precomputed.store": "the run's config and summary JSON beside its output",
+    "exaconnect.precomputed.stitching": "MatchOptions, a config type of the segment verbs",
+    "exaconnect.precomputed.verify": "`layer verify`: a read-only check of one layer in this process",
+    "exaconnect.precomputed.checksums": "switching checksum verification off for this process (`--no-verify-checksums`)",
+    "exaconnect.precomputed.evaluate_report": "`evaluate`: one comparison in this process, no queue",
+    "exaconnect.precomputed.skeleton_metrics": "`evaluate`: kimimaro parameters of the command line",
+    "exaconnect.ffn.config": "inference options validated at the edge",
+    "exaconnect.ffn.device": "`doctor` and `queue work --device`: what this process's device layer sees",
+    "exaconnect.ffn.predictor": "`segment box`: one box in this process (the interactive path)",
+    "exaconnect.ffn.inference": "`segment box`: one box in this process (the interactive path)",
+    "exaconnect.ffn.fill": "`segment box --fill-unsegmented`",
+    "exaconnect.ffn.training": "`train run|sweep summary`: training in this process; its queue tasks are in services/train.py",
+    "exaconnect.align.match": "alignment options validated at the edge (defaults scale with the section size)",
+    "exaconnect.viewer": "`view` and `link` serve and name files; they enqueue nothing",
+}
+
+
+def test_the_cli_and_pipeline_reach_kernels_only_through_services_or_say_why():
+    kernels = tuple(FOLDERS[f] for f in FOLDERS if f not in ("exaconnect", "services"))
+    direct = {m for m in imported_modules("exaconnect") if m.startswith(tuple(k + "." for k in kernels) + kernels)}
+    unexplained = sorted(m for m in direct
+                         if not any(m == allowed or m.startswith(allowed + ".") for allowed in EDGE_IMPORTS))
+    assert not unexplained, f"exaconnect/ imports kernels directly without a reason in EDGE_IMPORTS: {unexplained}"
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -154,3 +202,13 @@ def test_every_old_command_still_works_or_has_a_migration_note():
     for old in OLD_COMMANDS:
         assert old in current or old in migrated, f"exaconnect {old}: neither a command nor in the migration notes"
     assert {"enqueue", "worker", "status", "sweep", "train-partition"} <= migrated
+
+
+def test_the_edge_import_check_finds_an_unexplained_import(monkeypatch):
+    monkeypatch.delitem(EDGE_IMPORTS, "exaconnect.viewer")
+    try:
+        test_the_cli_and_pipeline_reach_kernels_only_through_services_or_say_why()
+    except AssertionError as exc:
+        assert "exaconnect.viewer" in str(exc)
+    else:
+        raise AssertionError("an unexplained kernel import went unnoticed")

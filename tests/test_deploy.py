@@ -31,7 +31,10 @@ DEPLOY = ROOT / "deploy"
 CHART = ROOT / "helm" / "exaconnect"
 FAKE_BIN = DEPLOY / "fake"
 KUBERNETES_VERSION = "1.30.0"
-SERVICES = ("ingest", "downsample", "align", "segment", "mesh", "skeletonize", "evaluate", "train")
+# The registry's services (every registered stage's), not a copy: the chart must have one entry each.
+SERVICES = tuple(subprocess.run([sys.executable, "-m", "exaconnect.cli", "services"], capture_output=True, text=True,
+                                check=True, env={k: v for k, v in os.environ.items() if k != "EXACONNECT_PLUGINS"}
+                                ).stdout.split())
 SQS_ROOT = "https://sqs.us-east-1.amazonaws.com/123456789012/exa"
 
 
@@ -44,6 +47,9 @@ def _tool(name: str, package: str) -> str:
 
 # ---------------------------------------------------------------- Helm chart
 
+# The pipeline of the chart's example values (it must load: tests/test_deploy_helm.py runs it).
+EXAMPLE_PIPELINE = "name: lab\nsource: {image: /data/sections}\nworkers: 0\n"
+
 VALUE_SETS = {
     "defaults": {},
     "xpu": {"accelerator": "xpu", "accelerators": {"xpu": {"supplementalGroups": [110]}}},
@@ -52,10 +58,15 @@ VALUE_SETS = {
                  "autoscaling": {"keda": {"enabled": True}}, "serviceAccount": {"annotations": {
                      "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/exaconnect"}}},
     "existing-claim": {"persistence": {"existingClaim": "lab-data"}, "cloudSecret": "cloudvolume-secrets",
-                       "pipelineJob": {"enabled": True, "config": "name: lab\nsource: {path: /data/sections}\n"},
+                       "pipelineJob": {"enabled": True, "config": EXAMPLE_PIPELINE},
                        "autoscaling": {"hpa": {"enabled": True}},
                        "image": {"digest": "sha256:" + "a" * 64}},
 }
+
+
+def test_the_chart_lists_exactly_the_registrys_services():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert list(values["services"]) == list(SERVICES)
 
 
 def _render(values: dict) -> list[dict]:
@@ -101,8 +112,9 @@ def test_chart_renders_valid_manifests(case):
     docs = _render(VALUE_SETS[case])
     assert docs
     for doc in docs:
-        if doc["kind"] == "ScaledObject":
-            _validate_keda(doc)
+        if doc["kind"] in ("ScaledObject", "TriggerAuthentication"):
+            if doc["kind"] == "ScaledObject":
+                _validate_keda(doc)
             continue
         try:
             kv.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -159,7 +171,8 @@ def test_chart_heartbeat_probe_passes_and_fails(tmp_path):
 @pytest.mark.parametrize("accelerator,resource,device,flavour", [
     ("xpu", "gpu.intel.com/i915", "xpu", "xpu"), ("nvidia", "nvidia.com/gpu", "gpu", "nvidia")])
 def test_chart_accelerators(accelerator, resource, device, flavour):
-    deployments = _by_kind(_render({"accelerator": accelerator}), "Deployment")
+    deployments = _by_kind(_render({"accelerator": accelerator, "accelerators": {"xpu": {"supplementalGroups": [110]}}}),
+                           "Deployment")
     for service in SERVICES:
         d = deployments[f"exa-exaconnect-{service}"]
         c, pod = _worker(d), d["spec"]["template"]["spec"]
@@ -197,7 +210,8 @@ def test_chart_existing_claim_job_and_hpa():
     (job,) = _by_kind(docs, "Job").values()
     spec = job["spec"]["template"]["spec"]
     (runner,) = spec["containers"]
-    assert runner["args"] == ["run", "/etc/exaconnect/pipeline.yaml", "--queue-root", "fq:///data/queues", "--workers", "0"]
+    assert runner["args"] == ["run", "/etc/exaconnect/pipeline.yaml", "--queue-root", "fq:///data/queues", "--workers", "0",
+                              "--output", "/data/pipeline", "--stall-seconds", "7200", "--ledger-dir", "/data/ledger"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"lab-data"}
     assert "pipeline.yaml" in next(iter(_by_kind(docs, "ConfigMap").values()))["data"]
@@ -271,7 +285,8 @@ def test_images_copy_every_package_and_install_from_the_lock():
     assert text.index("install.sh deps") < text.index("COPY exaconnect exaconnect")
     assert "install.sh deps" in definition and "install.sh project" in definition
     assert re.search(r"^USER 10001", text, re.M) and "HEALTHCHECK" in text
-    assert "build-essential" not in text and "gcc" not in text
+    # no compiler is installed by us (the xpu base's own is removed: tests/test_deploy_image.py)
+    assert not re.search(r"^(RUN|\s).*apt-get install.*\b(build-essential|gcc|g\+\+)\b", text, re.M)
     for flavour in ("cpu", "nvidia", "xpu"):
         assert (DEPLOY / "lock" / f"{flavour}.txt").is_file()
 
@@ -391,7 +406,9 @@ def test_aurora_workers_two_nodes_pin_24_tiles(tmp_path):
         assert argv[:3] == ["exec", "--bind", "/lus/flare"]
         i = argv.index("exaconnect")
         assert argv[i:i + 4] == ["exaconnect", "queue", "work", queue]
-        for flag, value in (("--device", "xpu"), ("--ledger-dir", "/lus/flare/projects/PROJ/ledger"), ("--processes", "1")):
+        # one ledger per service, as the pipeline job and the chart keep them (issue 23, item 6)
+        for flag, value in (("--device", "xpu"), ("--ledger-dir", "/lus/flare/projects/PROJ/ledger/segment"),
+                            ("--processes", "1")):
             assert argv[argv.index(flag) + 1] == value
         assert "--exit-when-empty" in argv and "--create-queue" in argv
         rows.append((int(env["PALS_RANKID"]), env["FAKE_HOST"], int(env["PALS_LOCAL_RANKID"]), env["ZE_AFFINITY_MASK"],
@@ -403,19 +420,22 @@ def test_aurora_workers_two_nodes_pin_24_tiles(tmp_path):
         ranges = [_cpus(c) for _, h, _, _, c in rows if h == host]
         assert len(ranges) == 12 and sum(map(len, ranges)) == len(set().union(*ranges)), "CPU ranges overlap"
         assert not set().union(*ranges) & {0, 52}, "cores 0 and 52 are the OS's"
-    assert {"command": "module", "argv": ["load", "apptainer"]}.items() <= commands[0].items()
+    assert [c["argv"] for c in commands if c["command"] == "module"] == [["use", "/soft/modulefiles"], ["load", "apptainer"]]
     print("\nrank  node           local  ZE_AFFINITY_MASK  CPUs")
     for rank, host, local, mask, cpus in rows:
         print(f"{rank:>4}  {host}  {local:>5}  {mask:>16}  {cpus}")
 
 
 def test_polaris_workers_two_nodes_pin_8_gpus(tmp_path):
-    out, runs, _ = _pbs(tmp_path, "polaris/workers.pbs", 2, QUEUE="fq:///eagle/PROJ/queues/segment")
+    out, runs, commands = _pbs(tmp_path, "polaris/workers.pbs", 2, QUEUE="fq:///eagle/PROJ/queues/segment")
     assert out.returncode == 0, out.stderr
     assert len(runs) == 8
     pins = {(r["env"]["FAKE_HOST"], r["env"]["CUDA_VISIBLE_DEVICES"]) for r in runs}
     assert len(pins) == 8 and {g for _, g in pins} == {"0", "1", "2", "3"}
-    assert all(r["argv"][:4] == ["exec", "--nv", "--bind", "/eagle"] for r in runs)
+    # ALCF's Polaris recipe (issue 23, item 6): --fakeroot always, modules from /soft/modulefiles
+    assert all(r["argv"][:5] == ["exec", "--fakeroot", "--nv", "--bind", "/eagle"] for r in runs)
+    assert [c["argv"] for c in commands if c["command"] == "module"] == [
+        ["use", "/soft/modulefiles"], ["load", "spack-pe-base"], ["load", "apptainer"]]
     assert all(r["argv"][r["argv"].index("--device") + 1] == "gpu" for r in runs)
     assert "ZE_AFFINITY_MASK" not in runs[0]["env"]
 
@@ -474,12 +494,13 @@ def test_pipeline_job_runs_runner_and_worker_loops(tmp_path):
     runner = [r for r in runs if "run" in r["argv"]]
     assert len(runner) == 1
     argv = runner[0]["argv"]
+    # a stall limit, so a hung stage stops the run instead of holding the nodes (issue 23, item 4)
     assert argv[argv.index("exaconnect"):] == ["exaconnect", "run", "configs/demo.yaml", "--queue-root",
-                                               "fq:///lus/flare/q", "--workers", "0"]
+                                               "fq:///lus/flare/q", "--workers", "0", "--stall-seconds", "7200"]
     for r in runs:
         if r is not runner[0]:
             queue = r["argv"][r["argv"].index("work") + 1]
-            assert re.fullmatch(r"fq:///lus/flare/q/(ingest|align|segment|downsample|mesh|skeletonize|evaluate|train)", queue)
+            assert re.fullmatch(r"fq:///lus/flare/q/(montage|ingest|align|segment|downsample|mesh|skeleton|evaluate|train)", queue)
     assert "worker-loop.sh" in out.stderr
 
 

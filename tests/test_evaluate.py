@@ -93,3 +93,107 @@ def test_evaluate_cli_on_precomputed_layers(tmp_path, capsys):
     assert metrics["split_objects"] == 1
     assert main(["evaluate", str(tmp_path / "seg"), str(tmp_path / "gt"), "--bbox", "0,0,0,32,32,8"]) == 0
     assert json.loads(capsys.readouterr().out)["vi"] == pytest.approx(0)  # the split is above z=8
+
+
+def test_reference_scores_with_label_zero_as_one_segment(shared_dir, fib25_groundtruth):
+    """Issue 25's figures: the reference's unsegmented voxels counted as one segment. They match
+    the default, which leaves out the ground truth's 250 body-less voxels; scoring those too
+    (as one more body) moves the merge term by 2e-4."""
+    ref = np.load(shared_dir / "reference/fib25/training_sample2_ffn_segmentation.npz")["segmentation"]
+    m = segmentation_metrics(ref, fib25_groundtruth)
+    assert m["vi"] == pytest.approx(1.817, abs=5e-4)
+    assert m["vi_split"] == pytest.approx(0.899, abs=5e-4) and m["vi_merge"] == pytest.approx(0.918, abs=5e-4)
+    assert m["adapted_rand_error"] == pytest.approx(0.157, abs=5e-4)
+    every = segmentation_metrics(ref, fib25_groundtruth, ignore_groundtruth_zero=False)
+    assert every["voxels_scored"] == ref.size == m["voxels_scored"] + 250
+    assert every["vi_merge"] == pytest.approx(0.9186, abs=5e-5) and every["vi"] == pytest.approx(1.817, abs=5e-4)
+
+
+def test_evaluate_cli_skeleton_layer_off_the_origin(tmp_path, capsys):
+    """The hand-computed case of test_skeleton_metrics (ERL 7.5 nm) through `exaconnect evaluate`
+    with precomputed layers whose voxel offset is not the origin."""
+    from test_skeleton_metrics import OFFSET, RESOLUTION, hand_case, write_skeleton_layer
+
+    from exaconnect.cli import main
+
+    skeletons, seg = hand_case()
+    truth = np.zeros_like(seg)
+    truth[:, 1, :6], truth[:, 3, :5], truth[:, 5, :4] = 11, 12, 13
+    write_skeleton_layer(tmp_path / "gt", truth, skeletons, RESOLUTION, OFFSET)
+    write_skeleton_layer(tmp_path / "seg", seg, {}, RESOLUTION, OFFSET)
+    out = tmp_path / "scores.json"
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "seg"), str(tmp_path / "gt"), "--skeletons", str(tmp_path / "gt"),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    metrics = json.loads(out.read_text())
+    assert json.loads(printed.out) == metrics and "ERL" in printed.err
+    assert metrics["erl"] == pytest.approx(7.5) and metrics["erl_max"] == pytest.approx(5000 / 120)
+    assert metrics["skeleton_merging_segments"] == 1 and metrics["skeleton_split_edges"] == 2
+    assert metrics["skeleton_omitted_fraction"] == pytest.approx(1 / 6)
+    assert metrics["skeleton_source"]["layer"].endswith("gt") and metrics["vi"] > 0
+    # The lenient rule (K=3) clears segment 2's merge: 1400/120 nm.
+    assert main(["evaluate", str(tmp_path / "seg"), str(tmp_path / "gt"), "--skeletons", str(tmp_path / "gt"),
+                 "--merge-min-nodes", "3"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["erl"] == pytest.approx(1400 / 120) and metrics["skeleton_merge_min_nodes"] == 3
+    # A box that keeps x >= 3 of the box scores only the pieces inside it.
+    x0, y0, z0 = OFFSET
+    box = f"{x0 + 3},{y0},{z0},{x0 + 9},{y0 + 7},{z0 + 3}"
+    assert main(["evaluate", str(tmp_path / "seg"), str(tmp_path / "gt"), "--skeletons", str(tmp_path / "gt"),
+                 "--bbox", box]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["erl"] == pytest.approx(500 / 30) and metrics["skeleton_edges_outside"] == 9
+    # Skeletons of a layer at another voxel size are refused by name.
+    write_skeleton_layer(tmp_path / "gt20", truth, skeletons, (20, 6, 40), OFFSET)
+    assert main(["evaluate", str(tmp_path / "seg"), str(tmp_path / "gt"), "--skeletons", str(tmp_path / "gt20")]) == 2
+    assert "resolution" in capsys.readouterr().err
+
+
+def test_evaluate_cli_skeletonizes_groundtruth_files(tmp_path, capsys):
+    from test_skeleton_metrics import tubes
+
+    from exaconnect.cli import main
+
+    labels = tubes()
+    np.save(tmp_path / "gt.npy", labels)
+    np.save(tmp_path / "joined.npy", (labels > 0).astype(np.uint32))
+    out = tmp_path / "scores.json"
+    args = ["evaluate", str(tmp_path / "joined.npy"), str(tmp_path / "gt.npy"), "--skeletonize-groundtruth",
+            "--kimimaro-const", "30", "--kimimaro-dust-threshold", "20", "--out", str(out)]
+    # Files carry no voxel size: a clear error, nothing written.
+    assert main(args) == 2
+    assert "--resolution" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--resolution", "8,8,30", "--bbox", "1,1,1,27,23,19"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["skeleton_source"]["kimimaro"] == {**metrics["skeleton_source"]["kimimaro"], "scale": 1.5,
+                                                      "const": 30.0, "dust_threshold": 20,
+                                                      "anisotropy": [8.0, 8.0, 30.0]}
+    assert metrics["skeleton_count"] == 2 and metrics["skeleton_merging_segments"] == 1 and metrics["erl"] == 0
+    assert main(["evaluate", str(tmp_path / "gt.npy"), str(tmp_path / "gt.npy"), "--merge-min-nodes", "2"]) == 2
+    assert "--merge-min-nodes needs" in capsys.readouterr().err
+
+
+def test_evaluate_task_carries_skeleton_options(tmp_path):
+    """The queue task serializes its skeleton options and stores the skeleton scores with the rest."""
+    from taskqueue.registered_task import deserialize
+    from test_skeleton_metrics import tubes
+
+    from exaconnect.precomputed.layers import layer_url
+    from exaconnect.precomputed.store import ArtifactStore
+    from exaconnect.services.evaluate import EvaluateTask
+
+    labels = tubes()
+    np.save(tmp_path / "gt.npy", labels)
+    split = labels.copy()
+    split[:, :, 14:][split[:, :, 14:] == 9] = 4  # body 9 cut across its length
+    np.save(tmp_path / "split.npy", split)
+    store = layer_url(str(tmp_path / "store"))
+    task = EvaluateTask(str(tmp_path / "split.npy"), str(tmp_path / "gt.npy"), store, "evaluate/s.json",
+                        kimimaro={"const": 30, "dust_threshold": 20}, merge_min_nodes=2, resolution=[8, 8, 30])
+    task = deserialize(task.payload())
+    task.execute()
+    scores = ArtifactStore(store).get_json("evaluate/s.json")
+    assert scores["skeleton_split_edges"] >= 1 and scores["skeleton_merging_segments"] == 0
+    assert 0 < scores["erl"] < scores["erl_max"] and scores["skeleton_merge_min_nodes"] == 2
+    assert scores["skeleton_source"]["kimimaro"]["anisotropy"] == [8.0, 8.0, 30.0]

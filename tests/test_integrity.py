@@ -116,7 +116,7 @@ def test_igneous_tasks_read_through_the_check(seg_layer):
 def test_a_stage_refuses_an_input_with_holes_unless_allowed(seg_layer, stage):
     from exaconnect.services.downsample import create_downsample_tasks
     from exaconnect.services.mesh import create_mesh_forge_tasks
-    from exaconnect.services.skeletonize import create_skeleton_forge_tasks
+    from exaconnect.services.skeleton import create_skeleton_forge_tasks
 
     create = {"mesh": create_mesh_forge_tasks, "skeletonize": create_skeleton_forge_tasks,
               "downsample": create_downsample_tasks}[stage]
@@ -252,7 +252,7 @@ def test_ingest_through_a_worker_started_in_another_directory(tmp_path):
 def test_a_stage_provenance_record_survives_igneous_writing_the_same_file(seg_layer, stage):
     from exaconnect.services.downsample import create_downsample_tasks
     from exaconnect.services.mesh import create_mesh_forge_tasks
-    from exaconnect.services.skeletonize import create_skeleton_forge_tasks
+    from exaconnect.services.skeleton import create_skeleton_forge_tasks
 
     layer, _ = seg_layer
     create = {"mesh": create_mesh_forge_tasks, "skeletonize": create_skeleton_forge_tasks,

@@ -66,15 +66,15 @@ def test_the_cli_reports_a_bad_pipeline_in_one_line(tmp_path, capsys):
 
 def test_the_demo_plans_every_stage_in_order(tmp_path):
     from exaconnect.pipeline import build_plan
-    from exaconnect.services.stages import order_stages
+    from exaconnect.services.stages import stage_graph
 
     config = load_pipeline(CONFIGS / "demo.yaml", {"pipeline": {"output": str(tmp_path / "out")},
                                                   "source": {"synthetic_shape": [32, 32, 32]}})
-    names = [s.name for s in order_stages(build_plan(config).stages)]
+    names = [s.name for s in stage_graph(build_plan(config).stages)]
     for earlier, later in [("ingest.image", "misalign"), ("misalign", "align.flow"), ("align.render", "segment.initial"),
                            ("train.demo-model", "segment.initial"), ("segment.initial", "segment.faces"),
-                           ("segment.relabel", "mesh.forge"), ("mesh.forge", "mesh.merge"),
-                           ("segment.relabel", "skeleton.forge"), ("align.apply-groundtruth", "evaluate")]:
+                           ("pyramid.segmentation", "mesh.forge"), ("mesh.forge", "mesh.merge"),
+                           ("pyramid.segmentation", "skeleton.forge"), ("align.apply-groundtruth", "evaluate")]:
         assert names.index(earlier) < names.index(later)
     without_align = load_pipeline(CONFIGS / "demo.yaml", {"pipeline": {"output": str(tmp_path / "out2")},
                                                          "misalign": {"enabled": False}, "align": {"enabled": False}})

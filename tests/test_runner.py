@@ -16,49 +16,55 @@ import pytest
 
 from exaconnect.errors import InputError
 from exaconnect.services.runner import RunnerOptions, StageFailed, run_stages
-from exaconnect.services.stages import Stage, order_stages
+from exaconnect.services.stages import stage_graph
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runner_tasks import AppendLineTask, RaiseTask  # noqa: E402
+from runner_tasks import RaiseTask, lines_stage, task_stage  # noqa: E402
 
 
-def _stage(name, requires=(), lines=("x",), log=None, **parameters):
-    return Stage(name, "ingest", lambda: [AppendLineTask(str(log), f"{name}:{line}") for line in lines], tuple(requires),
-                 parameters=parameters)
-
-
-def test_stages_are_ordered_by_their_requirements():
-    make = lambda: []  # noqa: E731
-    stages = [Stage("c", "mesh", make, ("b",)), Stage("a", "ingest", make), Stage("b", "segment", make, ("a",))]
-    assert [s.name for s in order_stages(stages)] == ["a", "b", "c"]
-    with pytest.raises(InputError, match="requires 'z'"):
-        order_stages([Stage("a", "ingest", make, ("z",))])
-    with pytest.raises(InputError, match="cycle"):
-        order_stages([Stage("a", "ingest", make, ("b",)), Stage("b", "ingest", make, ("a",))])
+def test_stages_are_ordered_by_their_requirements_which_join_the_run_by_themselves():
+    a = task_stage("a")
+    b = task_stage("b", "segment", after=(a,))
+    c = task_stage("c", "mesh", after=(b,))
+    # Requirements are objects: listing only the last stage brings in the ones it needs.
+    assert [s.name for s in stage_graph([c])] == ["a", "b", "c"]
+    assert [s.name for s in stage_graph([c, a, b])] == ["a", "b", "c"]
     with pytest.raises(InputError, match="declared twice"):
-        order_stages([Stage("a", "ingest", make), Stage("a", "mesh", make)])
-    with pytest.raises(InputError, match="service"):
-        Stage("a", "nonsense", make)
+        stage_graph([task_stage("a"), task_stage("a", "mesh")])
+    with pytest.raises(InputError, match="expected a stage object"):
+        stage_graph([task_stage("a", after=("b",))])
+
+
+def test_a_stage_class_without_a_service_or_with_a_bad_name_is_refused():
+    from exaconnect.services.stages import Stage
+
+    with pytest.raises(InputError, match="names no service"):
+        Stage()
+    with pytest.raises(InputError, match="stage name"):
+        task_stage("has space")
 
 
 def test_a_second_run_skips_finished_stages_and_a_change_reruns_what_depends_on_it(tmp_path):
     log = tmp_path / "log.txt"
     options = RunnerOptions(str(tmp_path / "q"), str(tmp_path / "records"), workers=1, progress=False)
-    stages = [_stage("a", log=log, lines=("1", "2")), _stage("b", ("a",), log=log), _stage("c", log=log)]
+    a = lines_stage("a", log, lines=("1", "2"))
+    stages = [a, lines_stage("b", log, after=(a,)), lines_stage("c", log)]
     first = run_stages(stages, options)
     assert [r.status for r in first.results.values()] == ["done", "done", "done"]
     assert sorted(log.read_text().split()) == ["a:1", "a:2", "b:x", "c:x"]
     second = run_stages(stages, options)
     assert {r.status for r in second.results.values()} == {"skipped"}
     assert len(log.read_text().split()) == 4  # nothing ran again
-    changed = [_stage("a", log=log, lines=("1", "2"), threshold=2), _stage("b", ("a",), log=log), _stage("c", log=log)]
+    a2 = lines_stage("a", log, lines=("1", "2"), threshold=2)
+    changed = [a2, lines_stage("b", log, after=(a2,)), lines_stage("c", log)]
     third = run_stages(changed, options)
     assert {n: r.status for n, r in third.results.items()} == {"a": "done", "b": "done", "c": "skipped"}
 
 
 def test_dead_letters_fail_the_stage_and_nothing_below_it_runs(tmp_path):
     log = tmp_path / "log.txt"
-    stages = [Stage("bad", "ingest", lambda: [RaiseTask("boom")]), _stage("after", ("bad",), log=log)]
+    bad = task_stage("bad", make=lambda: [RaiseTask("boom")])
+    stages = [bad, lines_stage("after", log, after=(bad,))]
     options = RunnerOptions(str(tmp_path / "q"), str(tmp_path / "records"), workers=1, progress=False, max_attempts=1)
     with pytest.raises(StageFailed, match="bad: 1 tasks dead-lettered"):
         run_stages(stages, options)
@@ -72,14 +78,17 @@ def test_an_enqueued_stage_resumes_from_its_queue_without_enqueuing_again(tmp_pa
     from exaconnect.services.runner import service_queue
 
     log = tmp_path / "log.txt"
-    stage = _stage("a", log=log, lines=("1", "2", "3"))
+    stage = lines_stage("a", log, lines=("1", "2", "3"))
     options = RunnerOptions(str(tmp_path / "q"), str(tmp_path / "records"), workers=1, progress=False)
     from exaconnect.precomputed.store import ArtifactStore
     from exaconnect.services.queue import enqueue
 
     queue = service_queue(options.queue_root, "ingest")
     tasks = list(stage.make_tasks())
-    enqueue(queue, tasks[1:])  # as if task 1 had finished before the kill
+    enqueue(queue, tasks[1:])  # as if task 1 had finished before the kill: its completion is recorded
+    from exaconnect.services.queue import open_queue as _open
+
+    (_open(queue).path / "completions" / "000").write_bytes(b"\0")
     from exaconnect.services.stages import fingerprint
 
     ArtifactStore(options.record).put_json("stages/a.enqueued.json", {"fingerprint": fingerprint(stage), "tasks": 3})

@@ -60,7 +60,7 @@ def test_ffn_passes_stitch_and_rerun_through_the_queue(sample, tiny_model):
     run, report = segment_volume(plan, str(root / "queue_ffn"), workers=1, progress=False)
     assert {name: r.tasks for name, r in report.results.items()} == {
         "segment.initial": 8, "segment.refine": 8, "segment.faces": 8, "segment.equivalence": 1,
-        "segment.relabel": 8, "segment.pyramid": 1}
+        "segment.relabel": 8, "pyramid.segmentation": 1}
     # A second run finds every stage complete and does nothing.
     _, again = segment_volume(plan, str(root / "queue_ffn"), workers=1, progress=False)
     assert {r.status for r in again.results.values()} == {"skipped"}
@@ -114,7 +114,8 @@ def _write_pieces(run, labels: np.ndarray, seed: int = 0) -> None:
 def test_stitch_stages_through_the_queue_recover_the_truth(sample):
     from exaconnect.services.segment import add_pass, prepare_run
     from exaconnect.services.runner import RunnerOptions, run_stages
-    from exaconnect.services.stages import Stage
+    from runner_tasks import task_stage
+
     from exaconnect.services.stitch import create_equivalence_tasks, create_faces_tasks, create_relabel_tasks
 
     root, _, labels = sample
@@ -125,7 +126,7 @@ def test_stitch_stages_through_the_queue_recover_the_truth(sample):
     queue = str(root / "queue_stitch")
     for name, make, workers in (("faces", create_faces_tasks, 2), ("equivalence", create_equivalence_tasks, 1),
                                 ("relabel", create_relabel_tasks, 1)):
-        stage = Stage(f"segment.{name}", "segment", lambda make=make: make(run))
+        stage = task_stage(f"segment.{name}", "segment", lambda make=make: make(run))
         run_stages([stage], RunnerOptions(queue, str(root / "stitch_records"), workers=workers, progress=False))
     out = read_box(open_layer(run.segmentation_layer), Box((0, 0, 0), tuple(reversed(SHAPE))))
     metrics = segmentation_metrics(out, labels)

@@ -15,14 +15,14 @@ from exaconnect.services.ingest import IngestOptions, ingest_now
 from exaconnect.services.mesh import create_mesh_forge_tasks, create_mesh_merge_tasks
 from exaconnect.services.queue import queue_status
 from exaconnect.services.runner import RunnerOptions, run_stages
-from exaconnect.services.skeletonize import create_skeleton_forge_tasks, create_skeleton_merge_tasks
-from exaconnect.services.stages import Stage
+from exaconnect.services.skeleton import create_skeleton_forge_tasks, create_skeleton_merge_tasks
+from runner_tasks import task_stage
 
 
 def run(root, name, service, tasks):
     """One stage through the runner with an in-process worker; its queue is ROOT/q/SERVICE."""
     tasks = list(tasks)
-    report = run_stages([Stage(name, service, lambda: tasks)],
+    report = run_stages([task_stage(name, service, lambda: tasks)],
                         RunnerOptions(str(root / "q"), str(root / "records"), workers=1, progress=False))
     assert report.results[name].tasks == len(tasks)
     status = queue_status(str(root / "q" / service))
@@ -74,8 +74,8 @@ def test_meshes_and_skeletons_load_for_every_object(sample_layers):
     vmin, vmax = meshes[biggest].vertices.min(0), meshes[biggest].vertices.max(0)
     assert np.allclose(vmin, zyx.min(0)[::-1] * 10, atol=15) and np.allclose(vmax, zyx.max(0)[::-1] * 10, atol=15)
 
-    run(root, "skeleton.forge", "skeletonize", create_skeleton_forge_tasks(url, shape=(32, 32, 32), dust_threshold=100))
-    run(root, "skeleton.merge", "skeletonize", create_skeleton_merge_tasks(url))
+    run(root, "skeleton.forge", "skeleton", create_skeleton_forge_tasks(url, shape=(32, 32, 32), dust_threshold=100))
+    run(root, "skeleton.merge", "skeleton", create_skeleton_merge_tasks(url))
     skeleton = open_layer(url).skeleton.get(biggest)  # reopened: the info now names the skeleton dir
     assert len(skeleton.vertices) > 10 and len(skeleton.edges) > 10
     # Skeleton vertices lie inside their object.

@@ -7,8 +7,11 @@ WORKERS_PER_NODE=${WORKERS_PER_NODE:-4}
 # rank.sh gives local rank r GPU 3-r: the GPU closest to cores 8r..8r+7.
 CPU_BIND_LIST=${CPU_BIND_LIST-0-7:8-15:16-23:24-31}
 BINDS=${BINDS-/eagle}
-MODULES=${MODULES-apptainer}
-APPTAINER_FLAGS=${APPTAINER_FLAGS---nv}       # NVIDIA driver libraries into the container
+# ALCF's Polaris recipe: ml use /soft/modulefiles; ml spack-pe-base; ml apptainer
+MODULE_USE=${MODULE_USE-/soft/modulefiles}
+MODULES=${MODULES-spack-pe-base apptainer}
+# --fakeroot: ALCF runs Apptainer on Polaris always with it; --nv: NVIDIA driver libraries into the container
+APPTAINER_FLAGS=${APPTAINER_FLAGS---fakeroot --nv}
 SIF=${SIF:-exaconnect-nvidia.sif}
 DEVICE=${DEVICE:-gpu}
 TRAIN_DEVICE_HIERARCHY=

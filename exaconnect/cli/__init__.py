@@ -14,19 +14,28 @@ import sys
 from typing import Sequence
 
 # The order `exaconnect --help` lists them in: the pipeline first, then each stage, then tools.
-COMMAND_MODULES = ("pipeline", "ingest", "downsample", "align", "segment", "mesh", "train", "evaluate", "queue",
-                   "layer", "view", "doctor")
+# `stages` adds one noun per registered stage family (ingest, downsample, mesh, skeleton, a lab's).
+COMMAND_MODULES = ("pipeline", "stages", "align", "segment", "train", "evaluate", "queue", "layer", "view", "doctor")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line, as every other error does (`-h` shows the usage); subcommand
+    parsers are made of the same class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from exaconnect import __version__
 
-    parser = argparse.ArgumentParser(prog="exaconnect", description="Connectomics pipeline: EM sections in, neurons out.")
+    parser = _Parser(prog="exaconnect", description="Connectomics pipeline: EM sections in, neurons out.")
     parser.add_argument("--version", action="version", version=f"exaconnect {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"exaconnect.cli.{name}").register(sub)
+    importlib.import_module("exaconnect.cli.stages").register_services(sub)
     return parser
 
 
@@ -46,8 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from exaconnect.errors import ExaconnectError
 
     _quiet_tensorflow()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports every stage module, a lab's included
+    except ExaconnectError as exc:
+        print(f"exaconnect: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad argument (argparse printed which): a code, not an exit
+        return int(exc.code or 0)
     verbose = args.verbose or (args.command == "queue" and getattr(args, "verb", None) == "work")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -50,9 +50,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from exaconnect.precomputed.layers import layer_url
-
-    run_service_stages(_stages(args), args, record=f"{layer_url(args.dest)}/align/run" if args.queue else None)
+    run_service_stages(_stages(args), args)
     return _report_from_store(args)
 
 
@@ -66,24 +64,21 @@ def _report_from_store(args: argparse.Namespace) -> int:
 
 
 def _apply_stages(args: argparse.Namespace) -> list:
-    from exaconnect.precomputed.layers import layer_url
-    from exaconnect.services.align import create_align_apply_tasks
-    from exaconnect.services.stages import Stage
+    from exaconnect.services.align import AlignApply
 
-    return [Stage("align.apply", "align", lambda: create_align_apply_tasks(args.src, args.dest, args.alignment, args.order),
-                  reads=(layer_url(args.src), layer_url(args.alignment)), writes=(layer_url(args.dest),),
-                  parameters={"src": layer_url(args.src), "alignment": layer_url(args.alignment), "order": args.order})]
+    return [AlignApply(src=args.src, dest=args.dest, alignment=args.alignment, order=args.order)]
 
 
 def register(subparsers) -> None:
     from exaconnect.services.align import STAGES
+    from exaconnect.services.stages import layer_argument
 
     p = subparsers.add_parser("align", help="elastic alignment of serial sections (flow, mesh, compose, render, report)")
     verbs = p.add_subparsers(dest="verb", required=True)
     for verb in ("run", "enqueue"):
         v = verbs.add_parser(verb, help="every stage, then the report" if verb == "run" else "only enqueue one stage")
-        v.add_argument("src", help="source image layer (misaligned sections)")
-        v.add_argument("dest", help="destination image layer (created by the flow stage)")
+        v.add_argument("src", type=layer_argument, help="source image layer (misaligned sections)")
+        v.add_argument("dest", type=layer_argument, help="destination image layer (created by the flow stage)")
         add_set_argument(v, "flow.patch_size=48")
         if verb == "run":
             add_queue_arguments(v)
@@ -92,14 +87,14 @@ def register(subparsers) -> None:
             add_enqueue_arguments(v, list(STAGES))
             v.set_defaults(func=lambda a: enqueue_one_stage(_stages(a), a, "align"))
     r = verbs.add_parser("report", help="quality report of a finished alignment (JSON line + PNG)")
-    r.add_argument("src")
-    r.add_argument("dest")
+    r.add_argument("src", type=layer_argument)
+    r.add_argument("dest", type=layer_argument)
     r.add_argument("--png", default=None, help="report figure (default DEST/align/report.png)")
     r.set_defaults(func=_report)
     a = verbs.add_parser("apply", help="move another layer (labels, a channel) through a finished alignment")
-    a.add_argument("src", help="layer in the unaligned frame")
-    a.add_argument("dest", help="new layer in the aligned frame")
-    a.add_argument("--alignment", required=True, help="the aligned image layer whose meshes to use")
+    a.add_argument("src", type=layer_argument, help="layer in the unaligned frame")
+    a.add_argument("dest", type=layer_argument, help="new layer in the aligned frame")
+    a.add_argument("--alignment", type=layer_argument, required=True, help="the aligned image layer whose meshes to use")
     a.add_argument("--order", type=int, default=0, choices=[0, 1, 3], help="interpolation: 0 for labels, 3 for images")
     add_queue_arguments(a)
     a.set_defaults(func=lambda args: (run_service_stages(_apply_stages(args), args), 0)[1])

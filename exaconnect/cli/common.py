@@ -61,8 +61,23 @@ def triple(text: str, name: str, positive: bool = True):
     return parse_triple(text, name, positive=positive)
 
 
+def queue_root_argument(text: str) -> str:
+    """argparse `type=` for a queue root, checked and normalised once, here at the edge: a folder
+    becomes absolute (workers elsewhere must find it); `fq://`, `sqs://` and SQS URLs pass."""
+    import os
+
+    from exaconnect.errors import QueueError
+    from exaconnect.services.queue import queue_url
+
+    try:
+        queue_url(text)
+    except QueueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text if "://" in text else os.path.abspath(text)
+
+
 def add_queue_arguments(parser: argparse.ArgumentParser, workers_default: int | None = None) -> None:
-    parser.add_argument("--queue", default=None, metavar="ROOT",
+    parser.add_argument("--queue", default=None, metavar="ROOT", type=queue_root_argument,
                         help="queue root: tasks go to ROOT/SERVICE (a shared folder, or an SQS name prefix); "
                              "without it the stages run in this process")
     parser.add_argument("--workers", type=int, default=workers_default,
@@ -70,13 +85,8 @@ def add_queue_arguments(parser: argparse.ArgumentParser, workers_default: int | 
                              "0 leaves the queue to remote workers and waits for them")
 
 
-def add_allow_missing_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--allow-missing", action="store_true",
-                        help="read missing input chunks as zeros instead of refusing to start (a layer with holes)")
-
-
 def add_enqueue_arguments(parser: argparse.ArgumentParser, stages: Sequence[str]) -> None:
-    parser.add_argument("--queue", required=True, metavar="ROOT",
+    parser.add_argument("--queue", required=True, metavar="ROOT", type=queue_root_argument,
                         help="queue root: tasks go to ROOT/SERVICE; drain with `exaconnect queue work ROOT/SERVICE`")
     parser.add_argument("--stage", default=stages[0], choices=list(stages),
                         help=f"which stage to enqueue (default {stages[0]}; each after the previous drained)")
@@ -94,16 +104,12 @@ def run_service_stages(stages: list, args: argparse.Namespace, record: str | Non
         with tempfile.TemporaryDirectory(prefix="exaconnect-") as tmp:
             report = run_stages(stages, RunnerOptions(tmp, f"{tmp}/records", workers=1 if workers is None else max(1, workers)))
     else:
-        report = run_stages(stages, RunnerOptions(args.queue, record or f"{_root(args.queue)}/records",
+        from exaconnect.services.stages import records_location
+
+        report = run_stages(stages, RunnerOptions(args.queue, record or records_location(args.queue),
                                                   workers=2 if workers is None else workers))
     print(json.dumps(report.as_dict()))
     return report
-
-
-def _root(queue: str) -> str:
-    import os
-
-    return queue if "://" in queue else os.path.abspath(queue)
 
 
 def enqueue_one_stage(stages: list, args: argparse.Namespace, prefix: str) -> int:
@@ -112,11 +118,12 @@ def enqueue_one_stage(stages: list, args: argparse.Namespace, prefix: str) -> in
     from exaconnect.services.runner import service_queue
 
     wanted = f"{prefix}.{args.stage}" if args.stage else stages[0].name
-    chosen = [s for s in stages if s.name == wanted or s.name.endswith(f".{args.stage}")]
+    chosen = [s for s in stages if s.name == wanted or s.name.endswith(f".{args.stage}")
+              or s.name.startswith(f"{args.stage}.")]
     if not chosen:
         raise InputError(f"--stage {args.stage}: expected one of {[s.name.split('.', 1)[1] for s in stages]}")
     stage = chosen[0]
-    queue = service_queue(_root(args.queue), stage.service)
+    queue = service_queue(args.queue, stage.service)
     count = enqueue(queue, list(stage.make_tasks()), description=stage.name)
     print(f"enqueued {count} {stage.name} tasks on {queue}; drain with: exaconnect queue work {queue}")
     return 0

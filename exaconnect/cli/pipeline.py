@@ -35,23 +35,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.status:
         print(json.dumps(read_plan_status(config), indent=1))
         return 0
-    if args.forget:
-        from exaconnect.pipeline import build_plan
-        from exaconnect.services.runner import forget_stages
+    if args.no_verify_checksums:
+        from exaconnect.precomputed.checksums import set_checksum_verification
 
-        plan = build_plan(config)
-        names = [s.name for s in plan.stages]
-        chosen = [n for n in names if any(n == f or n.startswith(f + ".") for f in args.forget)]
-        # Everything below a forgotten stage is redone too (its fingerprint changes only if its
-        # inputs' parameters do, so forget it explicitly).
-        below = set(chosen)
-        for stage in plan.stages:
-            if set(stage.requires) & below:
-                below.add(stage.name)
-        forget_stages(f"{plan.output}/pipeline", sorted(below))
-    summary = run_pipeline(config, progress=True, stall_seconds=args.stall_seconds)
+        set_checksum_verification(False)
+    from exaconnect.pipeline import build_plan
+    from exaconnect.precomputed.layers import local_path
+    from exaconnect.services.run_lock import RunLock
+    from exaconnect.services.runner import RunStopped
+
+    plan = build_plan(config)
+    forget = _forgotten(plan, args.forget)
+    output = local_path(plan.output)
+    # One run at a time on one output (the runner also locks the stage records beside the queues).
+    with RunLock(f"{output}/pipeline") if output is not None else _no_lock():
+        if forget:
+            from exaconnect.pipeline import run_records
+            from exaconnect.services.runner import forget_stages
+
+            forget_stages(run_records(config, plan), forget)
+        try:
+            summary = run_pipeline(config, progress=True, stall_seconds=args.stall_seconds, ledger_dir=args.ledger_dir,
+                                   task_timeout_seconds=args.task_timeout, grace_seconds=args.grace_seconds)
+        except RunStopped as exc:
+            import sys
+
+            print(f"exaconnect run: {exc}", file=sys.stderr, flush=True)
+            return 128 + int(exc.signum)
     print_summary(summary)
     return 0
+
+
+def _no_lock():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _forgotten(plan, forget: list[str]) -> list[str]:
+    """The stages `--forget` names (a stage, or a prefix such as `segment`) and every stage
+    below them (their fingerprints change only if their inputs' parameters do)."""
+    from exaconnect.errors import InputError
+
+    names = [s.name for s in plan.stages]
+    chosen = []
+    for wanted in forget:
+        matched = [n for n in names if n == wanted or n.startswith(wanted + ".")]
+        if not matched:
+            prefixes = sorted({n.split(".")[0] for n in names})
+            raise InputError(f"--forget {wanted}: no such stage in this pipeline; its stages are {', '.join(names)} "
+                             f"(or a prefix: {', '.join(prefixes)})")
+        chosen += matched
+    below = set(chosen)
+    for stage in plan.stages:
+        if {r.name for r in stage.requires()} & below:
+            below.add(stage.name)
+    return sorted(below)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -84,6 +123,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text}: expected a positive number of seconds")
+    return value
+
+
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     add_set_argument(p, "segment.subvolume=[64,64,64]")
     p.add_argument("--queue-root", default=None, help="override queue_root (a shared folder for many nodes)")
@@ -93,8 +144,19 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forget", action="append", default=[], metavar="STAGE",
                    help="redo this stage (or every stage under a prefix, e.g. segment) and what depends on it")
     p.add_argument("--print-config", action="store_true", help="print the complete validated pipeline and exit")
+    p.add_argument("--ledger-dir", default=None,
+                   help="the workers' failure ledgers outside the queues (LEDGER_DIR/SERVICE; PBS LEDGER_DIR, "
+                        "the chart's queue.ledgerDir)")
     p.add_argument("--stall-seconds", type=float, default=None,
                    help="with remote workers: fail when a stage's queue has not moved for this long")
+    p.add_argument("--task-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="end a task of a locally drained stage that runs longer than this (counted as a failed "
+                        "attempt, 'timed out after N s'); default: no limit")
+    p.add_argument("--grace-seconds", type=_positive_seconds, default=30.0, metavar="SECONDS",
+                   help="after SIGTERM or Ctrl-C, how long running tasks may take to finish before they are "
+                        "released back to the queue (default 30)")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="do not check the chunks stages read against the checksums recorded when they were written")
 
 
 def register(subparsers) -> None:

@@ -32,11 +32,16 @@ def cmd_work(args: argparse.Namespace) -> int:
         from exaconnect.ffn.device import require_device
 
         require_device(args.device)  # absent: InputError, one line, exit 2 (as `exaconnect doctor --device`)
+    if args.no_verify_checksums:
+        from exaconnect.precomputed.checksums import set_checksum_verification
+
+        set_checksum_verification(False)
     options = WorkerOptions(lease_seconds=args.lease_seconds, exit_when_empty=args.exit_when_empty,
                             max_attempts=args.max_attempts, ledger_dir=args.ledger_dir,
                             task_modules=tuple(args.task_module), heartbeat=args.heartbeat,
                             create_queue=args.create_queue, max_restarts=args.max_restarts,
-                            retry_delay_seconds=args.retry_delay_seconds, max_tasks=args.max_tasks)
+                            retry_delay_seconds=args.retry_delay_seconds, max_tasks=args.max_tasks,
+                            task_timeout_seconds=args.task_timeout)
     return run_workers(args.queue, options, processes=args.processes)
 
 
@@ -171,6 +176,12 @@ def register(subparsers) -> None:
     p.add_argument("--exit-when-empty", action="store_true")
     p.add_argument("--max-tasks", type=int, default=None, help="stop after this many tasks")
     p.add_argument("--retry-delay-seconds", type=float, default=None, help="wait before a failed task is retried (default: the lease)")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="do not check chunks read against the checksums their writers recorded")
+    p.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                   help="end a task that runs longer (counted as a failed attempt, 'timed out after N s'); "
+                        "a task that does not stop is ended by killing its worker (run under --processes "
+                        "or a supervisor that restarts it)")
     p.add_argument("--max-restarts", type=int, default=100, help="replacements of dead worker processes (with --processes)")
     p.add_argument("--task-module", action="append", default=[], help="import this module's task classes too (repeatable)")
     p.add_argument("--heartbeat", default=os.environ.get("EXACONNECT_HEARTBEAT") or None, metavar="PATH",

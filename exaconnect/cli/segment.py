@@ -14,7 +14,7 @@ from exaconnect.cli.common import (POSITIONAL_HELP, add_enqueue_arguments, add_q
                                    enqueue_one_stage, parse_bbox, parse_sets, run_service_stages, triple)
 from exaconnect.errors import InputError
 
-STAGE_CHOICES = ("pass", "faces", "equivalence", "relabel", "pyramid")
+STAGE_CHOICES = ("pass", "faces", "equivalence", "relabel", "pyramid")  # pyramid: pyramid.segmentation
 
 
 def _inference_overrides(args: argparse.Namespace) -> dict:
@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     plan = _plan(args)
     from exaconnect.services.segment_run import segment_stages
 
-    run_service_stages(segment_stages(plan), args, record=f"{plan.staging_url}/run" if args.queue else None)
+    run_service_stages(segment_stages(plan), args)
     return 0
 
 
@@ -79,8 +79,11 @@ def _box(args: argparse.Namespace) -> int:
 
 
 def _common(v: argparse.ArgumentParser) -> None:
-    v.add_argument("image_layer", help=POSITIONAL_HELP["image_layer"])
-    v.add_argument("segmentation_layer", help="segmentation layer to write (created with the image's geometry)")
+    from exaconnect.services.stages import layer_argument
+
+    v.add_argument("image_layer", type=layer_argument, help=POSITIONAL_HELP["image_layer"])
+    v.add_argument("segmentation_layer", type=layer_argument,
+                   help="segmentation layer to write (created with the image's geometry)")
     v.add_argument("--model", required=True, help="FFN checkpoint: an exaconnect checkpoint folder or a google/ffn TF1 prefix")
     v.add_argument("--bbox", default=None, help="x0,y0,z0,x1,y1,z1 in mip-0 voxels (default: the whole layer)")
     add_set_argument(v, "inference.segment_threshold=0.6")

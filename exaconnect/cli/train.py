@@ -67,8 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     boxes, here or as queue tasks."""
     from exaconnect.cli.common import run_service_stages
     from exaconnect.ffn.training.evaluation import pending_steps, run_config
-    from exaconnect.services.stages import Stage
-    from exaconnect.services.train import create_evaluation_tasks
+    from exaconnect.services.train import TrainEvaluate
 
     config = run_config(args.run_dir)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else None
@@ -81,9 +80,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not pending:
         print(json.dumps({"run": args.run_dir, "pending": [], "note": "every selected checkpoint has a record"}))
         return 0
-    stage = Stage("train.evaluate", "train", lambda: create_evaluation_tasks(args.run_dir, args.every_steps, steps),
-                  reads=(args.run_dir,), parameters={"run": args.run_dir, "steps": pending},
-                  lease_seconds=args.lease_seconds)
+    stage = TrainEvaluate(run_dir=args.run_dir, every_steps=args.every_steps, steps=tuple(steps) if steps else None,
+                          pending=tuple(pending), lease=args.lease_seconds)
     run_service_stages([stage], args)
     return 0
 
@@ -106,20 +104,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     from exaconnect.precomputed.bbox import parse_triple
-    from exaconnect.services.train import create_partition_tasks
+    from exaconnect.services.train import TrainPartition
 
     from exaconnect.ffn.training.config import DEFAULT_THRESHOLDS
 
     radius_xyz = parse_triple(args.lom_radius, "--lom-radius")
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else list(DEFAULT_THRESHOLDS)
     from exaconnect.cli.common import run_service_stages
-    from exaconnect.services.stages import Stage
 
-    stage = Stage("train.partition", "train", lambda: create_partition_tasks(
-        args.labels, args.dest, tuple(reversed(radius_xyz)), thresholds, args.min_size,
-        parse_triple(args.block_size, "--block-size")), writes=(args.dest,),
-        parameters={"labels": args.labels, "dest": args.dest, "lom_radius": list(radius_xyz),
-                    "thresholds": thresholds, "min_size": args.min_size, "block_size": args.block_size})
+    stage = TrainPartition(labels=args.labels, dest=args.dest, lom_radius_zyx=tuple(reversed(radius_xyz)),
+                           thresholds=tuple(thresholds), min_size=args.min_size,
+                           block_size=parse_triple(args.block_size, "--block-size"))
     run_service_stages([stage], args)
     return 0
 

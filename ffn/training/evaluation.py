@@ -224,12 +224,6 @@ def pending_steps(run_dir: str | Path, every_steps: int | None = None, steps: li
     return [s for s in chosen if not evaluation_path(run_dir, s).is_file()]
 
 
-def evaluate_run(run_dir: str | Path, every_steps: int | None = None, steps: list[int] | None = None,
-                 device: str = "cpu") -> list[dict[str, Any]]:
-    """Evaluates, in this process, every pending checkpoint of the run."""
-    return [evaluate_checkpoint(run_dir, s, device=device) for s in pending_steps(run_dir, every_steps, steps)]
-
-
 # --- choosing and exporting ----------------------------------------------------------------
 
 def best_record(records: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
@@ -439,5 +433,3 @@ def run_score(run_dir: str | Path, metric: str) -> tuple[float, int | None]:
     return float(best[metric]), int(best["step"])
 
 
-def replace_training(config: TrainConfig, **values) -> TrainConfig:
-    return replace(config, training=replace(config.training, **values))

@@ -97,5 +97,22 @@ none
 {{- if not .Values.queue.sqsRegion -}}
 {{- fail "autoscaling.keda needs queue.sqsRegion" -}}
 {{- end -}}
+{{- range $name, $own := .Values.services -}}
+{{- $svc := merge (deepCopy ($own | default dict)) (deepCopy $.Values.serviceDefaults) -}}
+{{- if $svc.enabled -}}
+{{- $url := include "exaconnect.queue" (dict "root" $root "service" $name "svc" $svc) -}}
+{{- if not (regexMatch "^https://sqs\\.[a-z0-9-]+\\.amazonaws\\.com/[0-9]{12}/[A-Za-z0-9_-]{1,80}$" $url) -}}
+{{- fail (printf "autoscaling.keda: the queue of %s is %q; KEDA's aws-sqs-queue scaler needs a queue URL, https://sqs.REGION.amazonaws.com/ACCOUNT/NAME (set queue.root to https://sqs.REGION.amazonaws.com/ACCOUNT/PREFIX, not sqs://)" $name $url) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.pipelineJob.enabled -}}
+{{- if not (regexMatch "^(/|gs://|s3://|file:///)" .Values.pipelineJob.output) -}}
+{{- fail (printf "pipelineJob.output is %q: expected an absolute path on a mounted volume (e.g. /data/pipeline) or a gs:// or s3:// URL; the pod's root filesystem is read-only" .Values.pipelineJob.output) -}}
+{{- end -}}
+{{- if and (hasPrefix "/data" .Values.pipelineJob.output) (not .Values.persistence.enabled) -}}
+{{- fail "pipelineJob.output is under /data but persistence.enabled=false: enable the shared volume or write to gs:// or s3://" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,398 @@
+"""Montage: stitch the overlapping tiles of each section into one image layer, in four stages.
+
+  1. match   one task per section: tile contents and every neighbour pair's offset
+             (`montage/match/ZZZZZ.json`);
+  2. solve   one task per section: positions with outlier rejection, gain/offset, the fate of
+             each tile and pair (`montage/solve/ZZZZZ.json`);
+  3. render  one task per chunk-aligned box of the image layer (created when the stage starts,
+             over the union of the solved sections), reading only the tiles that touch the box,
+             one section at a time;
+  4. report  one task per section: `montage/report/ZZZZZ.json` and a PNG of the seams' residuals.
+
+The manifest is read and checked whole when the match stage starts, before anything is written;
+the checked tile set (absolute paths, sizes) and the configuration are stored once under the
+layer (`montage/tiles.json`, `montage/config.json`) and every task reads them from there. All
+files go through the run store (`.done` markers), so a rerun of any task rewrites the same bytes.
+Layer coordinates are the tiles' pixel frame: a tile at stage position (x, y) lands at voxel
+(x, y) give or take its correction, and section z at voxel z.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from taskqueue import RegisteredTask
+
+from exaconnect.errors import InputError, LayerError
+from exaconnect.montage.manifest import ManifestRules, TileSet, read_manifest, read_tile
+from exaconnect.montage.render import render_box, tiles_touching
+from exaconnect.montage.report import seam_figure
+from exaconnect.montage.section import (MontageConfig, measure_section, placed_tiles, section_bounds,
+                                        solve_section)
+from exaconnect.precomputed.bbox import Box, Triple, chunk_grid, parse_resolution, parse_triple
+from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, layer_url, open_layer, write_box
+from exaconnect.precomputed.store import ArtifactStore
+from exaconnect.precomputed.verify import record_checksums
+from exaconnect.services.stages import Stage, StageCommand, layer_argument, register_command
+
+MONTAGE_DIR = "montage"
+
+
+def _key(kind: str, z: int, suffix: str = "json") -> str:
+    return f"{MONTAGE_DIR}/{kind}/{z:05d}.{suffix}"
+
+
+def load_tile_set(layer: str) -> TileSet:
+    raw = ArtifactStore(layer).get(f"{MONTAGE_DIR}/tiles.json")
+    if raw is None:
+        raise LayerError(f"layer {layer_url(layer)}: no {MONTAGE_DIR}/tiles.json; run the montage match stage first")
+    return TileSet.from_dict(json.loads(raw))
+
+
+def load_config(layer: str) -> MontageConfig:
+    raw = ArtifactStore(layer).get(f"{MONTAGE_DIR}/config.json")
+    if raw is None:
+        raise LayerError(f"layer {layer_url(layer)}: no {MONTAGE_DIR}/config.json; run the montage match stage first")
+    return MontageConfig.from_dict(json.loads(raw))
+
+
+def load_section(layer: str, kind: str, z: int) -> dict:
+    data = ArtifactStore(layer).get_json(_key(kind, z))
+    if data is None:
+        raise LayerError(f"layer {layer_url(layer)}: {_key(kind, z)} is not complete; run the montage {kind} stage first")
+    return data
+
+
+def _section_geometry(tiles: TileSet, z: int) -> tuple[list, np.ndarray, list[tuple[int, int]]]:
+    section = tiles.section(z)
+    return section, np.array([[t.x, t.y] for t in section], float).reshape(-1, 2), [(t.height, t.width) for t in section]
+
+
+# ---------------------------------------------------------------- stage 1: match
+
+class MontageMatchTask(RegisteredTask):
+    """Tile contents and neighbour offsets of one section."""
+
+    def __init__(self, layer: str, z: int):
+        super().__init__(layer, z)
+
+    def execute(self) -> None:
+        tiles, config = load_tile_set(self.layer), load_config(self.layer)
+        section, stage_xy, shapes = _section_geometry(tiles, int(self.z))
+        measured = measure_section(stage_xy, shapes, lambda i: read_tile(section[i].path), config)
+        ArtifactStore(self.layer).put_json(_key("match", int(self.z)), measured)
+
+
+def create_montage_match_tasks(tiles: str, layer: str, config: MontageConfig = MontageConfig(),
+                               rules: ManifestRules = ManifestRules()) -> list[MontageMatchTask]:
+    """Check the whole manifest `tiles` (InputError naming the tile otherwise), store the checked
+    tile set and the configuration under `layer`, and return one match task per section."""
+    tile_set = read_manifest(tiles, rules)
+    url = layer_url(layer)
+    store = ArtifactStore(url)
+    store.put_json(f"{MONTAGE_DIR}/config.json", config.as_dict())
+    store.put_json(f"{MONTAGE_DIR}/tiles.json", tile_set.as_dict())
+    return [MontageMatchTask(url, z) for z in tile_set.sections if tile_set.section(z)]
+
+
+# ---------------------------------------------------------------- stage 2: solve
+
+class MontageSolveTask(RegisteredTask):
+    """Positions, gain/offset and the fate of each tile and pair of one section."""
+
+    def __init__(self, layer: str, z: int):
+        super().__init__(layer, z)
+
+    def execute(self) -> None:
+        z = int(self.z)
+        tiles, config = load_tile_set(self.layer), load_config(self.layer)
+        section, stage_xy, _ = _section_geometry(tiles, z)
+        solved = solve_section(stage_xy, load_section(self.layer, "match", z), config)
+        for record, tile in zip(solved["tiles"], section):
+            record["tile"], record["path"] = tile.name, tile.path
+        solved["skipped"] = [s for s in tiles.skipped if int(s["z"]) == z]
+        solved["summary"]["tiles_skipped"] = len(solved["skipped"])
+        ArtifactStore(self.layer).put_json(_key("solve", z), solved)
+
+
+def _sections(layer: str) -> list[int]:
+    tiles = load_tile_set(layer)
+    return [z for z in tiles.sections if tiles.section(z)]
+
+
+def _require(layer: str, kind: str, sections: list[int]) -> None:
+    store = ArtifactStore(layer)
+    missing = [z for z in sections if not store.is_complete(_key(kind, z))]
+    if missing:
+        raise LayerError(f"layer {layer_url(layer)}: montage {kind} results missing for sections {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}; run the montage {kind} stage first")
+
+
+def create_montage_solve_tasks(layer: str) -> list[MontageSolveTask]:
+    sections = _sections(layer)
+    _require(layer, "match", sections)
+    return [MontageSolveTask(layer_url(layer), z) for z in sections]
+
+
+# ---------------------------------------------------------------- stage 3: render
+
+class MontageRenderTask(RegisteredTask):
+    """One chunk-aligned box of the image layer, from only the tiles that touch it."""
+
+    def __init__(self, layer: str, box: list[int]):
+        super().__init__(layer, box)
+
+    def execute(self) -> None:
+        box = Box.from_list(self.box)
+        vol = open_layer(self.layer)
+        tiles = load_tile_set(self.layer)
+        store = ArtifactStore(self.layer)
+        out = np.zeros(tuple(reversed(box.shape)), dtype=np.dtype(tiles.dtype))
+        xy = (box.start[0], box.start[1], box.stop[0], box.stop[1])
+        for k, z in enumerate(range(box.start[2], box.stop[2])):
+            solved = store.get_json(_key("solve", z))
+            if solved is None:  # a z without tiles (allowed gaps) stays empty
+                continue
+            shapes = [(t.height, t.width) for t in tiles.section(z)]
+            positions = np.array([[t["x"], t["y"]] for t in solved["tiles"]], float).reshape(-1, 2)
+            touching = tiles_touching(xy, positions, shapes)
+            # One section's touching tiles at a time: a section is never held whole.
+            pixels = {i: read_tile(solved["tiles"][i]["path"]) for i in touching}
+            out[k] = render_box(xy, placed_tiles(solved, pixels), out.dtype)
+        write_box(vol, box, out)
+        record_checksums(vol, box)
+
+
+def montage_bounds(layer: str) -> Box:
+    """The box of the layer: the union of every solved section's placed tiles, in z the sections."""
+    tiles = load_tile_set(layer)
+    sections = _sections(layer)
+    _require(layer, "solve", sections)
+    boxes = []
+    for z in sections:
+        solved = load_section(layer, "solve", z)
+        boxes.append(section_bounds(solved, [(t.height, t.width) for t in tiles.section(z)]))
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    return Box((x0, y0, min(sections)), (x1, y1, max(sections) + 1))
+
+
+def create_montage_render_tasks(layer: str, resolution: tuple[float, float, float],
+                                chunk_size: Triple = (256, 256, 16), task_shape: Triple | None = None,
+                                encoding: str | None = None, overwrite: bool = False) -> list[MontageRenderTask]:
+    """Create the image layer over `montage_bounds` and return one task per chunk-aligned box
+    (`task_shape`, default 4 x 4 chunks in x and y, one chunk deep)."""
+    url = layer_url(layer)
+    bounds = montage_bounds(url)
+    tiles = load_tile_set(url)
+    spec = LayerSpec("image", tiles.dtype, bounds.shape, tuple(resolution), bounds.start, tuple(chunk_size), encoding)
+    create_layer(url, spec, Provenance("montage", {"manifest": tiles.manifest, "config": load_config(url).as_dict()},
+                                       [tiles.manifest]), overwrite=overwrite)
+    shape = task_shape or (chunk_size[0] * 4, chunk_size[1] * 4, chunk_size[2])
+    return [MontageRenderTask(url, cell.write.to_list()) for cell in chunk_grid(bounds, shape, align_to=chunk_size)]
+
+
+# ---------------------------------------------------------------- stage 4: report
+
+class MontageReportTask(RegisteredTask):
+    """What happened to one section: summary figures, every tile not placed by its pairs and
+    why, every pair not used and why, the skipped tiles; and the seams as a PNG."""
+
+    def __init__(self, layer: str, z: int):
+        super().__init__(layer, z)
+
+    def execute(self) -> None:
+        z = int(self.z)
+        solved = load_section(self.layer, "solve", z)
+        shapes = [(t.height, t.width) for t in load_tile_set(self.layer).section(z)]
+        store = ArtifactStore(self.layer)
+        png = _key("report", z, "png")
+        store.put(png, seam_figure(solved, shapes, title=f"z={z}"))
+        report = {
+            "z": z, **solved["summary"],
+            "tiles_not_placed": [{k: t[k] for k in ("index", "tile", "path", "reason", "content")}
+                                 for t in solved["tiles"] if t["status"] != "placed"],
+            "tiles_skipped": solved.get("skipped", []),
+            "pairs_not_used": [{k: p[k] for k in ("a", "b", "status", "reason")}
+                               for p in solved["pairs"] if p["status"] != "used"],
+            "png": store.where(png),
+        }
+        store.put_json(_key("report", z), report)
+
+
+def create_montage_report_tasks(layer: str) -> list[MontageReportTask]:
+    sections = _sections(layer)
+    _require(layer, "solve", sections)
+    return [MontageReportTask(layer_url(layer), z) for z in sections]
+
+
+def load_report(layer: str, z: int) -> dict:
+    return load_section(layer, "report", z)
+
+
+# ---------------------------------------------------------------- the stages
+
+@dataclass(frozen=True)
+class MontageMatch(Stage):
+    """Pairwise offsets of overlapping neighbour tiles, one task per section."""
+
+    service: ClassVar[str] = "montage"
+    stage_name: ClassVar[str] = "montage.match"
+    description: ClassVar[str] = "montage: neighbour tile offsets"
+    lease_seconds: ClassVar[int] = 1800
+    tiles: str
+    layer: str
+    config: MontageConfig = MontageConfig()
+    rules: ManifestRules = ManifestRules()
+    upstream: tuple[Stage, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Workers may start elsewhere (a pod, a PBS job): the manifest is stored absolute.
+        object.__setattr__(self, "tiles", os.path.abspath(os.path.expanduser(str(self.tiles))))
+        object.__setattr__(self, "layer", layer_url(self.layer))
+
+    def requires(self) -> tuple[Stage, ...]:
+        return self.upstream
+
+    def make_tasks(self) -> list:
+        return create_montage_match_tasks(self.tiles, self.layer, self.config, self.rules)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.tiles,)
+
+    def writes(self) -> tuple[str, ...]:
+        return (f"{self.layer}/{MONTAGE_DIR}/match",)
+
+
+@dataclass(frozen=True)
+class MontageSolve(Stage):
+    """Tile positions with outlier rejection and gain/offset, one task per section."""
+
+    service: ClassVar[str] = "montage"
+    stage_name: ClassVar[str] = "montage.solve"
+    description: ClassVar[str] = "montage: tile positions and intensities"
+    match: MontageMatch
+
+    def requires(self) -> tuple[Stage, ...]:
+        return (self.match,)
+
+    def make_tasks(self) -> list:
+        return create_montage_solve_tasks(self.match.layer)
+
+    def reads(self) -> tuple[str, ...]:
+        return (f"{self.match.layer}/{MONTAGE_DIR}/match",)
+
+    def writes(self) -> tuple[str, ...]:
+        return (f"{self.match.layer}/{MONTAGE_DIR}/solve",)
+
+
+@dataclass(frozen=True)
+class MontageRender(Stage):
+    """The image layer (created when the stage starts), one task per chunk-aligned box."""
+
+    service: ClassVar[str] = "montage"
+    stage_name: ClassVar[str] = "montage.render"
+    description: ClassVar[str] = "montage: stitched image layer"
+    lease_seconds: ClassVar[int] = 900
+    solve: MontageSolve
+    resolution: tuple[float, float, float]
+    chunk_size: Triple = (256, 256, 16)
+    encoding: str | None = None
+
+    def requires(self) -> tuple[Stage, ...]:
+        return (self.solve,)
+
+    def make_tasks(self) -> list:
+        return create_montage_render_tasks(self.solve.match.layer, self.resolution, self.chunk_size,
+                                           encoding=self.encoding)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.solve.match.tiles, f"{self.solve.match.layer}/{MONTAGE_DIR}/solve")
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.solve.match.layer,)
+
+
+@dataclass(frozen=True)
+class MontageReport(Stage):
+    """Per-section report JSON and seam PNG, one task per section."""
+
+    service: ClassVar[str] = "montage"
+    stage_name: ClassVar[str] = "montage.report"
+    description: ClassVar[str] = "montage: per-section report"
+    render: MontageRender
+
+    def requires(self) -> tuple[Stage, ...]:
+        return (self.render,)
+
+    def make_tasks(self) -> list:
+        return create_montage_report_tasks(self.render.solve.match.layer)
+
+    def reads(self) -> tuple[str, ...]:
+        return (f"{self.render.solve.match.layer}/{MONTAGE_DIR}/solve",)
+
+    def writes(self) -> tuple[str, ...]:
+        return (f"{self.render.solve.match.layer}/{MONTAGE_DIR}/report",)
+
+
+def montage_stages(tiles: str, layer: str, resolution: tuple[float, float, float],
+                   config: MontageConfig = MontageConfig(), rules: ManifestRules = ManifestRules(),
+                   chunk_size: Triple = (256, 256, 16), encoding: str | None = None,
+                   upstream: tuple[Stage, ...] = ()) -> list[Stage]:
+    """match -> solve -> render -> report for the tile manifest `tiles` into the image layer
+    `layer`; `upstream`: stages that must be complete before the match (usually none)."""
+    match = MontageMatch(tiles, layer, config, rules, tuple(upstream))
+    solve = MontageSolve(match)
+    render = MontageRender(solve, tuple(float(r) for r in resolution), tuple(int(c) for c in chunk_size), encoding)
+    return [match, solve, render, MontageReport(render)]
+
+
+def _add_arguments(v) -> None:
+    v.add_argument("tiles", help="tile manifest: a CSV with the header z,path,x,y (paths relative to it), or a "
+                                 "render-ws tile-spec JSON list")
+    v.add_argument("layer", type=layer_argument, help="the stitched image layer to write (path or URL)")
+    v.add_argument("--resolution", required=True, help="X,Y,Z voxel size in nm")
+    v.add_argument("--chunk-size", default="256,256,16", help="X,Y,Z chunk size of the layer")
+    v.add_argument("--encoding", default=None, help="raw|jpeg")
+    v.add_argument("--skip-missing-tiles", action="store_true",
+                   help="leave out (and report) tiles whose files are missing or unreadable instead of refusing the set")
+    v.add_argument("--allow-mixed-sizes", action="store_true", help="tiles of different sizes in one set")
+    v.add_argument("--allow-missing-sections", action="store_true", help="gaps in z")
+    v.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a montage option (YAML value), e.g. --set match.search_px=80 (sections: match, "
+                        "solve, intensity)")
+
+
+def _config_from_sets(items: list[str]) -> MontageConfig:
+    import yaml
+
+    data: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, option = key.strip().partition(".")
+        if not sep or not dot:
+            raise InputError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. match.search_px=80")
+        data.setdefault(section, {})[option] = yaml.safe_load(value)
+    merged = MontageConfig().as_dict()
+    for section, values in data.items():
+        if not isinstance(merged.get(section), dict):
+            raise InputError(f"--set {section}.…: unknown montage section; expected match, solve or intensity")
+        merged[section].update(values)
+    return MontageConfig.from_dict(merged)
+
+
+def _stages(args) -> list[Stage]:
+    rules = ManifestRules(skip_missing_tiles=args.skip_missing_tiles, allow_mixed_sizes=args.allow_mixed_sizes,
+                          allow_missing_sections=args.allow_missing_sections)
+    return montage_stages(os.path.abspath(args.tiles), args.layer, parse_resolution(args.resolution),
+                          _config_from_sets(args.set), rules, parse_triple(args.chunk_size, "--chunk-size"),
+                          args.encoding)
+
+
+register_command(StageCommand("montage", "stitch the tiles of each section into one image (match, solve, render, "
+                                         "report)", _add_arguments, _stages, ("match", "solve", "render", "report")))

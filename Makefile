@@ -30,7 +30,7 @@ MODEL       ?= ../shared/models/ffn-fib25/model.ckpt-27465036
 SUBVOLUME   ?= 256,256,256
 OVERLAP     ?= 32,32,32
 
-.PHONY: help setup demo run test browser align train sweep sweep-summary ingest downsample mesh mesh-merge skeleton skeleton-merge segment \
+.PHONY: help setup demo run test test-quick browser align train sweep sweep-summary ingest downsample mesh mesh-merge skeleton skeleton-merge segment \
         workers status view link bench clean image apptainer
 
 help:
@@ -61,6 +61,9 @@ browser: ## headless Chromium + driver for the viewer tests (Debian packages)
 
 test: setup browser ## install everything and run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-quick: setup ## the fast subset (kernels, configs, registry, CLI parsing): a few minutes
+	$(PY) -m pytest -q -m quick $(PYTEST_ARGS)
 
 ingest: setup ## enqueue ingest of SRC into DEST on QUEUES/ingest (TYPE=image|segmentation RESOLUTION=x,y,z)
 	$(EXA) ingest enqueue $(SRC) $(DEST) --type $(TYPE) --resolution $(RESOLUTION) --chunk-size $(CHUNK_SIZE) --queue $(QUEUES)
@@ -106,7 +109,7 @@ workers: setup ## run N workers on QUEUE (default QUEUES/SERVICE); EXIT_WHEN_EMP
 status: setup ## progress of QUEUE (default QUEUES/SERVICE)
 	$(EXA) queue status $(QUEUE) --watch
 
-DEMO_LAYERS ?= $(wildcard $(DATA)/demo/image $(DATA)/demo/aligned $(DATA)/demo/segmentation $(DATA)/demo/aligned_groundtruth)
+DEMO_LAYERS ?= $(wildcard $(DATA)/demo/image $(DATA)/demo/image/tile_outlines $(DATA)/demo/aligned $(DATA)/demo/segmentation $(DATA)/demo/aligned_groundtruth)
 view: setup ## serve the demo's layers (or LAYER and SEGMENTATION) with the bundled neuroglancer on 127.0.0.1:PORT
 	$(EXA) view $(or $(DEMO_LAYERS),$(LAYER) $(SEGMENTATION)) --port $(PORT)
 
@@ -126,3 +129,11 @@ apptainer: ## build exaconnect-FLAVOUR.sif with Apptainer from deploy/exaconnect
 
 clean: ## remove generated data and queues (not .venv)
 	rm -rf $(DATA) $(QUEUES) artifacts
+
+# The demo through the PBS scripts on this machine (deploy/box/pbs_demo.py): deploy/aurora/pipeline.pbs
+# under a simulated 2-node job, the ranks' table, a voxel-for-voxel comparison with `make demo`'s
+# output (resumed or made first), then a walltime that expires mid-segmentation and a resubmission.
+.PHONY: cluster-demo
+cluster-demo: setup ## the demo through deploy/aurora/pipeline.pbs on 2 simulated PBS nodes (and a walltime), compared with make demo's
+	$(PY) deploy/box/pbs_demo.py --pipeline configs/demo.yaml --reference-output $(DATA)/demo --reference-queues queues/demo \
+	  --local-workers $(N) --work $(DATA)/cluster-demo --walltime-case

@@ -1,5 +1,5 @@
 """Acceptance of the alignment on real EM: the whole FIB-25 cube (250 sections of 250x250,
-already aligned) misaligned with recorded truth (align/perturb.py: random translation up to 40 px
+already aligned) misaligned with recorded truth (align/misalign.py: random translation up to 40 px
 per axis, rotation up to 1.5 degrees, smooth elastic distortion up to 5 px, one blank and one
 contrast-inverted section), aligned through a real fq:// queue by a real worker; the unperturbed
 cube aligned too (drift, invariance); the baseline flow and render code (`git show 987a6fa:align/...`,
@@ -273,7 +273,7 @@ def main() -> int:
     from exaconnect.align.flow import FlowConfig, grid_points
     from exaconnect.align.match import AlignConfig, finalize_meshes, solve_in_memory
     from exaconnect.align.mesh import SpringMeshConfig
-    from exaconnect.align.perturb import PerturbConfig, misalign_stack
+    from exaconnect.align.misalign import MisalignmentConfig, misalign_stack
     from exaconnect.align.quality import chunked_correlation, end_point_error, neighbor_end_point_error
     from exaconnect.precomputed.layers import layer_bounds, open_layer, read_box
     from exaconnect.services.align import align_report, align_stack_through_queue, get_file, load_meshes
@@ -284,7 +284,7 @@ def main() -> int:
     original = np.stack([iio.imread(f) for f in files]).astype(np.uint8)
     n = original.shape[0]
     blank, inverted = n // 4, (2 * n) // 3
-    misaligned, truth = misalign_stack(original, PerturbConfig(blank_sections=(blank,), inverted_sections=(inverted,)), args.seed)
+    misaligned, truth = misalign_stack(original, MisalignmentConfig(blank_sections=(blank,), inverted_sections=(inverted,)), args.seed)
     config = AlignConfig(flow=FlowConfig(patch_size=64, stride=16), mesh=SpringMeshConfig(stride=16, block_size=64, block_overlap=4))
     shape = original.shape[1:]
     good = [z for z in range(n) if z not in truth.bad_sections]

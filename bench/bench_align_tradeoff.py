@@ -50,7 +50,7 @@ def main() -> int:
     from exaconnect.align.flow import FlowConfig, grid_points
     from exaconnect.align.match import AlignConfig, block_ranges, finalize_meshes, match_section, solve_block
     from exaconnect.align.mesh import SpringMeshConfig
-    from exaconnect.align.perturb import PerturbConfig, misalign_stack
+    from exaconnect.align.misalign import MisalignmentConfig, misalign_stack
     from exaconnect.align.quality import neighbor_end_point_error
 
     started = time.time()
@@ -58,7 +58,7 @@ def main() -> int:
     original = np.stack([iio.imread(f) for f in files]).astype(np.uint8)
     n = original.shape[0]
     blank, inverted = n // 4, (2 * n) // 3
-    misaligned, truth = misalign_stack(original, PerturbConfig(blank_sections=(blank,), inverted_sections=(inverted,)),
+    misaligned, truth = misalign_stack(original, MisalignmentConfig(blank_sections=(blank,), inverted_sections=(inverted,)),
                                        args.seed)
     # bench_align.py's configuration.
     config = AlignConfig(flow=FlowConfig(patch_size=64, stride=16), mesh=SpringMeshConfig(stride=16, block_size=64, block_overlap=4))

@@ -232,8 +232,13 @@ def main() -> None:
             "network_s": round(counters["time-network-s"], 1),
             "evals_per_network_s": round(evaluations / counters["time-network-s"], 3),
             "evals_per_wall_s": round(evaluations / wall_s, 3),
+            # CPU time of this process: less sensitive than wall time to others sharing the cores.
+            "evals_per_cpu_s": round(evaluations / cpu_s, 3),
             **scores(result.labels, groundtruth, skeletons, box.start),
         }
+        # A long run on a busy machine shows what it has so far.
+        partial = {k: v for k, v in results[precision].items() if k != "labels"}
+        tqdm.write(f"{precision}: {json.dumps(partial)}", file=sys.stderr)
     for precision, record in results.items():
         record.update(agreement(record["labels"], results["float32"]["labels"]))
 

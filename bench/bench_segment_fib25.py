@@ -85,7 +85,7 @@ def main() -> int:
     from exaconnect.precomputed.evaluate import segmentation_metrics
     from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, open_layer, read_box, write_box
     from exaconnect.precomputed.stitching import objects_split_at_planes
-    from exaconnect.services.segment_run import SegmentPlan, segment_volume
+    from exaconnect.services.segment_stages import SegmentPlan, segment_volume
     from exaconnect.services.segment_staging import PassSpec
 
     n, sub, ov = args.crop, args.subvolume, args.overlap

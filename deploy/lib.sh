@@ -16,6 +16,8 @@
 #   LEDGER_DIR       failure ledgers outside the queues: LEDGER_DIR/SERVICE for each service
 #   STALL_SECONDS    the pipeline job's runner stops a stage whose queue has not moved this long
 #   WORKER_ARGS      more `exaconnect queue work` options (e.g. --task-module LAB_TASKS)
+#   RUN_ARGS         more `exaconnect run` options for the pipeline job's runner (e.g. --forget
+#                    segment to redo the segmentation, --set segment.subvolume=[128,128,128])
 #   SERVICES         the services the pipeline job's ranks drain (default: `exaconnect services`
 #                    in the image, which includes a lab's stages named in EXACONNECT_PLUGINS)
 
@@ -208,6 +210,18 @@ exa_services() {  # SERVICES, unless set: the registry's list (ours, and a lab's
   [[ -n "${SERVICES// /}" ]] || exa_die "exaconnect services printed no service (${EXA_CONTAINER[*]})"
 }
 
+exa_queue_root_here() {  # a file queue root that the nodes see: make it now, so that the ranks'
+  # first pass finds it and skips the services with nothing queued (deploy/worker-loop.sh); best
+  # effort: a root that only the container sees is left to the runner
+  local dir
+  case "$QUEUE_ROOT" in
+    sqs://*|https://*|http://*) return 0 ;;
+    fq://*) dir=${QUEUE_ROOT#fq://} ;;
+    *) dir=$QUEUE_ROOT ;;
+  esac
+  [[ -d "$(dirname "$dir")" ]] && mkdir -p "$dir" 2>/dev/null || true
+}
+
 exa_pipeline_job() {  # the runner on the first node, workers for every service on every rank
   : "${PIPELINE:?set PIPELINE=path/to/pipeline.yaml}"
   : "${QUEUE_ROOT:?set QUEUE_ROOT=fq:///path/on/lustre/queues}"
@@ -219,6 +233,12 @@ exa_pipeline_job() {  # the runner on the first node, workers for every service 
                 --stall-seconds "${STALL_SECONDS:-7200}")
   if [[ -n "${LEDGER_DIR:-}" ]]; then run+=(--ledger-dir "$LEDGER_DIR"); fi
   if [[ -n "${OUTPUT:-}" ]]; then run+=(--output "$OUTPUT"); fi
+  if [[ -n "${RUN_ARGS:-}" ]]; then
+    local -a more
+    read -r -a more <<< "$RUN_ARGS"
+    run+=("${more[@]}")
+  fi
+  exa_queue_root_here
   exa_container "${run[@]}"
   exa_log "runner: ${EXA_CONTAINER[*]}"
   {

@@ -3,9 +3,12 @@
 # $EXA_STOP_FILE), drain every service queue under $QUEUE_ROOT in turn with one worker in the
 # container, then poll again. SIGTERM is passed to the running worker (a second one releases its
 # task) and ends the loop. WORKER_ARGS: more `queue work` options (e.g. --task-module LAB_TASKS).
+# A file queue this node can see holding no task at all is skipped without starting the container:
+# an idle pass then costs a directory listing, not a Python start-up per service and rank (on
+# Lustre, thousands of ranks importing TensorFlow every POLL_SECONDS is a metadata storm).
 set -euo pipefail
 : "${SIF:?}" "${QUEUE_ROOT:?}" "${EXA_STOP_FILE:?}"
-: "${SERVICES:?set by the pipeline job (exaconnect services: every registered stage's service)}"
+: "${SERVICES:?set by the pipeline job (exaconnect services: the services of every registered stage)}"
 stopping=0
 child=
 on_term() {
@@ -21,6 +24,21 @@ queue_of() {
   esac
 }
 
+queue_is_empty() {  # true only when the queue is a file queue visible here with no task file
+  local dir
+  case "$1" in
+    sqs://*|https://*|http://*) return 1 ;;
+    fq://*) dir=${1#fq://} ;;
+    *) dir=$1 ;;
+  esac
+  local root=${dir%/*}
+  # the root not visible here (a path only the container sees): let the worker look
+  [[ -d "$root" ]] || return 1
+  # the queue not created yet: the runner has enqueued nothing for this service
+  [[ -d "$dir/queue" ]] || return 0
+  ! compgen -G "$dir/queue/*/*" >/dev/null
+}
+
 flags=()
 if [[ -n "${APPTAINER_FLAGS:-}" ]]; then read -r -a flags <<< "$APPTAINER_FLAGS"; fi
 if [[ -n "${EXA_BINDS:-}" ]]; then flags+=(--bind "$EXA_BINDS"); fi
@@ -28,7 +46,9 @@ if [[ -n "${EXA_BINDS:-}" ]]; then flags+=(--bind "$EXA_BINDS"); fi
 while (( ! stopping )) && [[ ! -e "$EXA_STOP_FILE" ]]; do
   for service in $SERVICES; do
     (( stopping )) && break
-    worker=(exaconnect queue work "$(queue_of "$service")" --processes 1 --exit-when-empty --create-queue
+    queue=$(queue_of "$service")
+    if queue_is_empty "$queue"; then continue; fi
+    worker=(exaconnect queue work "$queue" --processes 1 --exit-when-empty --create-queue
             --lease-seconds "${LEASE_SECONDS:-1800}" --max-attempts "${MAX_ATTEMPTS:-3}" --device "${DEVICE:-auto}")
     if [[ -n "${LEDGER_DIR:-}" ]]; then worker+=(--ledger-dir "$LEDGER_DIR/$service"); fi
     if [[ -n "${WORKER_ARGS:-}" ]]; then read -r -a extra <<< "$WORKER_ARGS"; worker+=("${extra[@]}"); fi

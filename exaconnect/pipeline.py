@@ -30,6 +30,7 @@ class PipelinePlan:
     layers: dict[str, str] = field(default_factory=dict)
     scores_key: str | None = None
     alignment_layer: str | None = None
+    montage_layer: str | None = None
 
 
 def _output_url(config: PipelineConfig) -> str:
@@ -81,6 +82,7 @@ def build_plan(config: PipelineConfig) -> PipelinePlan:
             continue
         plan(section_config, context)
     plan = PipelinePlan(config, context.output, context.stages, dict(context.layers))
+    plan.montage_layer = context.extras.get("montage_layer")
     plan.scores_key = context.extras.get("scores_key")
     plan.alignment_layer = context.extras.get("alignment_layer")
     return plan
@@ -102,7 +104,10 @@ def _plan_source(config: PipelineConfig, context) -> None:
     if image_src == "synthetic":
         image_src, synthetic_labels = _synthetic_source(config, context.output)
         labels_src = labels_src or synthetic_labels
-    if (existing := _existing_layer(image_src)) is not None:
+    tiles = _tile_manifest(config, context.output, image_src)
+    if tiles is not None:
+        _plan_montage(config, context, tiles)
+    elif (existing := _existing_layer(image_src)) is not None:
         context.publish("image", existing, None)
     else:
         options = IngestOptions("image", source.resolution, config.ingest.voxel_offset, config.ingest.chunk_size,
@@ -122,9 +127,50 @@ def _plan_source(config: PipelineConfig, context) -> None:
             context.publish("groundtruth", stage.dest, stage)
 
 
+def _tile_manifest(config: PipelineConfig, output: str, image_src: str) -> str | None:
+    """The tile manifest to stitch: source.tiles, or with `montage.enabled` the built-in sample cut
+    into tiles (written once, beside the output); None: whole sections are ingested."""
+    import numpy as np
+
+    from exaconnect.precomputed.layers import local_path
+    from exaconnect.services.montage import write_synthetic_tiles
+
+    if config.source.tiles:
+        return os.path.abspath(config.source.tiles) if "://" not in config.source.tiles else config.source.tiles
+    if not config.montage.enabled:
+        return None
+    if config.source.image != "synthetic":
+        raise InputError("montage.enabled cuts the built-in sample into tiles (source.image: synthetic); for your own "
+                         "tiles give source.tiles: TILES.csv (or a render-ws tile-spec JSON)")
+    m = config.montage
+    return write_synthetic_tiles(np.load(image_src), os.path.join(local_path(output), "tiles"), m.tile_size, m.overlap,
+                                 m.stage_error_px, config.source.synthetic_seed)
+
+
+def _plan_montage(config: PipelineConfig, context, tiles: str) -> None:
+    """Each section's tiles stitched into the image layer: match, solve, render, report."""
+    from exaconnect.montage.manifest import ManifestRules
+    from exaconnect.montage.section import MontageConfig
+    from exaconnect.services.montage import montage_stages
+
+    options = MontageConfig().as_dict()
+    for key, value in dict(config.montage.set).items():
+        section, dot, option = key.partition(".")
+        if not dot or not isinstance(options.get(section), dict):
+            raise InputError(f"montage.set {key}: expected SECTION.OPTION with a section of {sorted(options)}")
+        options[section][option] = value
+    stages = montage_stages(tiles, context.layer("image"), config.source.resolution, MontageConfig.from_dict(options),
+                            ManifestRules(skip_missing_tiles=config.montage.skip_missing_tiles),
+                            chunk_size=config.ingest.chunk_size, encoding=config.ingest.encoding)
+    context.add(*stages)
+    render = next(s for s in stages if s.name == "montage.render")
+    context.publish("image", context.layer("image"), render)
+    context.extras["montage_layer"] = context.layer("image")
+
+
 def _plan_misalign(config: PipelineConfig, context) -> None:
     """The stack misaligned on purpose (the demo; testing an aligner), its labels moved with it."""
-    from exaconnect.services.perturb import MisalignStage
+    from exaconnect.services.misalign import MisalignStage
 
     m = config.misalign
     options = {"max_translation": m.max_translation, "max_rotation_degrees": m.max_rotation_degrees,
@@ -176,15 +222,14 @@ def _plan_segment(config: PipelineConfig, context) -> None:
     """FFN passes over the volume, stitched into one segmentation layer (and its pyramid)."""
     from exaconnect.precomputed.bbox import Box
     from exaconnect.precomputed.stitching import MatchOptions
-    from exaconnect.services.segment_run import SegmentPlan, segment_stages
+    from exaconnect.services.segment_stages import SegmentPlan, segment_stages
     from exaconnect.services.segment_staging import PassSpec
 
     seg = config.segment
     model, model_stages = seg.model, ()
     if model == "demo":
-        demo = _demo_model_stage(config, context.output)
-        context.add(demo)
-        model, model_stages = os.path.join(demo.out_dir, _model_dir()), (demo,)
+        model, model_stages = _demo_model_stage(config, context.output)
+        context.add(*model_stages)
     passes = tuple(PassSpec(p.name, p.model or model, {**dict(seg.inference), **dict(p.inference)}, p.seed_order,
                             p.consensus_with, p.consensus_min_size) for p in seg.passes)
     segmentation = context.layer("segmentation")
@@ -235,7 +280,9 @@ def _plan_evaluate(config: PipelineConfig, context) -> None:
                               store=f"{context.output}/pipeline", key=key,
                               bbox=Box.from_list(list(bbox)) if bbox else None, kimimaro=kimimaro,
                               merge_min_nodes=e.merge_min_nodes,
-                              upstream=context.requires("segmentation", "groundtruth")))
+                              # What any segmentation of this image has to beat: an empty one, a watershed.
+                              image=context.layers.get("image"),
+                              upstream=context.requires("segmentation", "groundtruth", "image")))
 
 
 def _section(key: str, plan):
@@ -313,19 +360,27 @@ def _model_dir() -> str:
     return MODEL_DIR
 
 
-def _demo_model_stage(config: PipelineConfig, output: str):
-    """The small demo FFN, trained into OUTPUT/ffn for a fixed number of steps."""
-    from exaconnect.ffn.training.demo import DEMO_STEPS, demo_config
+def _demo_model_stage(config: PipelineConfig, output: str) -> tuple[str, tuple]:
+    """The demo FFN's path and the stages that make it: the model kept in the repository
+    (ffn/demo_model, checked against its SHA-256, copied once into OUTPUT/ffn/demo-model-DIGEST
+    where every worker reads it; nothing to train), or with `segment.demo_model_steps` a demo
+    model trained in the run into OUTPUT/ffn for that many steps."""
+    from exaconnect.ffn.training.demo import committed_demo_model, demo_config, install_demo_model
     from exaconnect.precomputed.layers import local_path
     from exaconnect.services.train import TrainDemoModel
 
     root = local_path(output)
+    steps = config.segment.demo_model_steps
+    if steps is None:
+        if root is None:
+            return str(committed_demo_model()[0]), ()
+        return str(install_demo_model(os.path.join(root, "ffn"))), ()
     if root is None:
-        raise InputError("segment.model demo: the demo model is trained into a local output folder")
+        raise InputError("segment.demo_model_steps: the demo model is trained into a local output folder")
     out_dir = os.path.join(root, "ffn")
-    steps = config.segment.demo_model_steps or DEMO_STEPS
-    return TrainDemoModel(config=demo_config(out_dir, seed=config.source.synthetic_seed, max_steps=steps),
-                          out_dir=out_dir)
+    stage = TrainDemoModel(config=demo_config(out_dir, seed=config.source.synthetic_seed, max_steps=steps),
+                           out_dir=out_dir)
+    return os.path.join(out_dir, _model_dir()), (stage,)
 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True, stall_seconds: float | None = None,
@@ -342,11 +397,15 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, stall_seconds: f
                             progress=progress, stall_seconds=stall_seconds, **runner_options)
 
     def after(stage, result):
+        if result.status == "done" and stage.name == "montage.report" and progress:
+            _print_montage(_montage_figures(plan))
         if result.status == "done" and stage.name in ("align.report",):
             _print_alignment(plan, progress)
 
     report = run_stages(plan.stages, options, on_complete=after)
     summary: dict = {"name": config.name, "layers": plan.layers, "stages": report.as_dict()}
+    if plan.montage_layer:
+        summary["montage"] = _montage_figures(plan)
     if plan.alignment_layer:
         summary["alignment"] = _alignment_figures(plan.alignment_layer)
     if plan.scores_key:
@@ -367,6 +426,23 @@ def run_records(config: PipelineConfig, plan: PipelinePlan) -> str:
 def _queue_root(config: PipelineConfig) -> str:
     root = config.queue_root
     return root if "://" in root else os.path.abspath(root)
+
+
+def _montage_figures(plan: PipelinePlan) -> dict:
+    from exaconnect.services.montage import montage_summary
+
+    return montage_summary(plan.montage_layer) if plan.montage_layer else {}
+
+
+def _print_montage(m: dict) -> None:
+    if not m:
+        return
+    residual = ("n/a" if m.get("seam_residual_median_px") is None else
+                f"median {m['seam_residual_median_px']:.2f} px, max {m['seam_residual_max_px']:.2f} px")
+    print(f"[run] montage: {m['tiles_placed']}/{m['tiles']} tiles placed in {m['sections']} sections "
+          f"({m['tiles_not_placed']} only at their stage position, {m['tiles_skipped']} skipped); pairs used "
+          f"{m['pairs_used']}, rejected {m['pairs_rejected']}, untrusted {m['pairs_untrusted']}; seam residual {residual}",
+          flush=True)
 
 
 def _alignment_figures(aligned: str) -> dict | None:
@@ -392,6 +468,11 @@ def _links(plan: PipelinePlan, config: PipelineConfig) -> dict:
     from exaconnect.viewer import links
 
     layers = [plan.layers[k] for k in ("image", "aligned", "segmentation", "groundtruth") if k in plan.layers]
+    if plan.montage_layer:
+        from exaconnect.services.montage import outlines_url
+
+        # The stitched sections (before any alignment) and, over them, where each tile went.
+        layers += [plan.montage_layer, outlines_url(plan.montage_layer)]
     layers = list(dict.fromkeys(layers))
     if not config.link.short:
         return {"long": links.link(layers, server=config.link.server)}
@@ -405,6 +486,8 @@ def print_summary(summary: dict) -> None:
     stages = summary["stages"]
     ran = sum(1 for s in stages.values() if s["status"] == "done")
     print(f"[run] {summary['name']}: {ran} stages ran, {len(stages) - ran} reused")
+    if summary.get("montage"):
+        _print_montage(summary["montage"])
     if summary.get("alignment"):
         a = summary["alignment"]
         print(f"[run] alignment: neighbour correlation {a.get('mean_correlation_before', float('nan')):.3f} -> "
@@ -415,6 +498,11 @@ def print_summary(summary: dict) -> None:
         s = summary["scores"]
         print(f"[run] segmentation vs ground truth: VI {s['vi']:.3f} (split {s['vi_split']:.3f}, merge {s['vi_merge']:.3f}), "
               f"adapted Rand error {s['adapted_rand_error']:.3f}")
+        for key, what in (("empty", "empty segmentation (one segment)"), ("watershed", "watershed of the image")):
+            b = (s.get("baselines") or {}).get(key)
+            if b:
+                print(f"[run] baseline, {what}: VI {b['vi']:.3f} (split {b['vi_split']:.3f}, merge {b['vi_merge']:.3f}), "
+                      f"adapted Rand error {b['adapted_rand_error']:.3f}")
         if "erl" in s:
             print(f"[run] skeletons: expected run length {s['erl'] / 1000:.3f} um of {s['erl_max'] / 1000:.3f} um possible, "
                   f"{s['skeleton_merging_segments']} merging segments, {s['skeleton_omitted_length_fraction']:.0%} "

@@ -34,12 +34,38 @@ class SourceConfig:
     resolution: tuple[float, float, float] = (10.0, 10.0, 10.0)
     synthetic_shape: Triple = (96, 96, 96)  # x, y, z
     synthetic_seed: int = 0
+    # A tile manifest instead of whole sections: a CSV `z,path,x,y` or a render-ws tile-spec JSON.
+    # Each section's tiles are stitched (the montage section's options) into the image layer.
+    tiles: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.resolution) != 3 or not all(math.isfinite(r) and r > 0 for r in self.resolution):
             raise InputError(f"source.resolution {list(self.resolution)}: expected three finite numbers > 0 (nm)")
         if min(self.synthetic_shape) < 16:
             raise InputError(f"source.synthetic_shape {list(self.synthetic_shape)}: expected at least 16 voxels per axis")
+
+
+@dataclass(frozen=True)
+class MontageSectionConfig:
+    """Stitching the tiles of each section (source.tiles, or with `enabled` and source.image
+    `synthetic`: the built-in sample cut into overlapping tiles with wrong stage positions and
+    per-tile brightness, then stitched back: the demo of this step)."""
+
+    enabled: bool = False
+    tile_size: int = 56  # synthetic tiles: side in pixels
+    overlap: int = 16  # synthetic tiles: pixels shared by neighbours
+    stage_error_px: float = 8.0  # synthetic tiles: recorded stage positions wrong by up to this
+    skip_missing_tiles: bool = False  # leave out (and report) tiles whose files are missing
+    # Montage options as `section.option: value` (sections match, solve, intensity), e.g.
+    # `match.search_px: 80`.
+    set: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 16 or not 0 <= self.overlap < self.tile_size // 2:
+            raise InputError(f"montage.tile_size {self.tile_size} / overlap {self.overlap}: expected tiles of at "
+                             "least 16 px overlapping by less than half their size")
+        if self.stage_error_px < 0:
+            raise InputError(f"montage.stage_error_px {self.stage_error_px}: expected >= 0")
 
 
 @dataclass(frozen=True)
@@ -176,6 +202,7 @@ class PipelineConfig:
     queue_root: str = "queues/pipeline"  # one queue per service below it (a shared folder on a cluster)
     workers: int = 2  # local worker processes per stage; 0: remote workers drain, the runner waits
     source: SourceConfig = SourceConfig()
+    montage: MontageSectionConfig = MontageSectionConfig()
     ingest: IngestConfig = IngestConfig()
     misalign: MisalignConfig = MisalignConfig()
     align: AlignStageConfig = AlignStageConfig()

@@ -141,6 +141,21 @@ def select_device(kind: str = "auto", index: int = 0) -> str:
     raise InputError(_device_problem(kind, found))
 
 
+def precision_warning(device_name: str, precision: str) -> str | None:
+    """Why `precision` is a poor choice on `device_name`, or None.
+
+    float16 is a GPU/XPU precision: on the CPU, TensorFlow 2.21's oneDNN convolves it 4-5x
+    slower than float32 even on a CPU with AVX512-FP16, and TF 2.15 falls back to Eigen,
+    minutes per evaluation of the FIB-25 network (measured, docs/segment.md "Reduced
+    precision"). bfloat16 runs on oneDNN's AMX / AVX512-BF16 kernels where the CPU has them.
+    """
+    if precision == "float16" and ":CPU:" in device_name.upper():
+        return (f"precision='float16' on {device_name}: TensorFlow's CPU float16 convolution is slower "
+                "than float32 (4-5x with TF 2.21's oneDNN; TF 2.15 falls back to Eigen, far slower); "
+                "use bfloat16 or float32 on CPUs")
+    return None
+
+
 def require_device(kind: str) -> str | None:
     """The worker's start-up check for `--device KIND`: the device name, or None for 'auto'/'cpu'.
 

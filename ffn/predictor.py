@@ -19,7 +19,7 @@ from .config import (
     load_config,
     model_config_from_dict,
 )
-from .device import select_device
+from .device import precision_warning, select_device
 from .model import ConvStack3D
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ def load_model(
             ),
         )
     device_name = select_device(device)
+    warning = precision_warning(device_name, base.inference.precision)
+    if warning:
+        logger.warning(warning)
     with tf.device(device_name):
         network, config = load_network(path, base)
     return Predictor(network, config, device=device_name, jit_compile=jit_compile)
@@ -105,6 +108,9 @@ def with_precision(predictor: Predictor, precision: str) -> Predictor:
     """The same weights evaluated at another precision (a new network object).
 
     An unknown `precision` is an InputError naming it (raised by `ConvStack3D`)."""
+    warning = precision_warning(predictor.device, precision)
+    if warning:
+        logger.warning(warning)
     weights, biases = predictor.network.numpy_weights()
     network = ConvStack3D(predictor.network.config, precision=precision)
     network.assign(weights, biases)

@@ -1,22 +1,26 @@
 """One section's montage as two steps whose results are plain JSON-able dicts, so that the queue
 stages (services/montage.py) store them between tasks and tests run them in memory:
 
-  measure_section   tile contents and every neighbour pair's offset (match.py);
-  solve_section     positions with outlier rejection (solve.py), gain/offset (intensity.py), what
-                    happened to each tile and pair, and the summary figures of the report.
+  measure_section   tile contents, every neighbour pair's offset (match.py) and, for trusted
+                    pairs, the flow over their overlap (elastic.py), while both tiles are read;
+  solve_section     positions with outlier rejection (solve.py), gain/offset (intensity.py), one
+                    relaxed mesh per tile (elastic.py), what happened to each tile and pair, and
+                    the summary figures of the report.
 
 `stitch_in_memory` chains them and renders the whole section (render.py), for tests and benches.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
+from exaconnect.montage.elastic import ElasticConfig, PairPoints, pair_flow, pair_points, relax_meshes
 from exaconnect.montage.intensity import IntensityConfig, solve_intensity
-from exaconnect.montage.match import MatchConfig, PairMatch, match_section, tile_content
+from exaconnect.montage.match import MatchConfig, PairMatch, match_pair, neighbour_pairs, tile_content
 from exaconnect.montage.render import FALLBACK_WEIGHT, PlacedTile, render_box
 from exaconnect.montage.solve import SolveConfig, solve_positions
 
@@ -26,44 +30,57 @@ class MontageConfig:
     match: MatchConfig = field(default_factory=MatchConfig)
     solve: SolveConfig = field(default_factory=SolveConfig)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "MontageConfig":
-        from exaconnect.errors import InputError
+        from exaconnect.precomputed.config_loader import load_dataclass
 
-        unknown = set(data) - {"match", "solve", "intensity"}
-        if unknown:
-            raise InputError(f"montage config: unknown keys {sorted(unknown)}; expected match, solve, intensity")
-        parts = {}
-        for key, kind in (("match", MatchConfig), ("solve", SolveConfig), ("intensity", IntensityConfig)):
-            values = data.get(key, {})
-            allowed = set(kind.__dataclass_fields__)
-            if set(values) - allowed:
-                raise InputError(f"montage config {key}: unknown keys {sorted(set(values) - allowed)}; "
-                                 f"expected some of {sorted(allowed)}")
-            parts[key] = kind(**values)
-        return cls(**parts)
+        return load_dataclass(cls, data, "montage")
 
 
 def measure_section(stage_xy: np.ndarray, shapes: Sequence[tuple[int, int]], read: Callable[[int], np.ndarray],
-                    config: MontageConfig = MontageConfig(), progress: Callable | None = None) -> dict:
-    """{"tiles": [content of each tile], "pairs": [PairMatch as dict]} for one section."""
+                    config: MontageConfig = MontageConfig(), progress: Callable | None = None,
+                    cache_tiles: int = 16) -> dict:
+    """{"tiles": [content of each tile], "pairs": [PairMatch as dict], "flows": [pair_flow's dict
+    for each trusted pair, None for the others or with elastic refinement off], "shapes": [(h, w)
+    of each tile]} for one section.
+    At most `cache_tiles` tiles are held at once; pairs go in order of their first tile, so a
+    row-major layout with fewer tiles per row is read about once."""
+    stage_xy = np.asarray(stage_xy, float).reshape(-1, 2)
     contents: dict[int, dict] = {}
+    cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def read_and_look(i: int) -> np.ndarray:
-        pixels = read(i)
+    def tile(i: int) -> np.ndarray:
+        if i in cache:
+            cache.move_to_end(i)
+            return cache[i]
+        cache[i] = read(i)
         if i not in contents:
-            contents[i] = tile_content(pixels, config.match)
-        return pixels
+            contents[i] = tile_content(cache[i], config.match)
+        while len(cache) > max(2, cache_tiles):
+            cache.popitem(last=False)
+        return cache[i]
 
-    pairs = match_section(np.asarray(stage_xy, float), shapes, read_and_look, config.match, progress=progress)
+    neighbours = neighbour_pairs(stage_xy, shapes, config.match)
+    pairs, flows = [], []
+    for i, j in neighbours if progress is None else progress(neighbours):
+        a, b = tile(i), tile(j)
+        pair = match_pair(a, b, tuple(stage_xy[j] - stage_xy[i]), config.match, i, j)
+        pairs.append(pair.as_dict())
+        flow = None
+        if config.elastic.enabled and pair.trusted:
+            top = float(np.iinfo(a.dtype).max) if a.dtype.kind in "ui" else 1.0
+            flow = pair_flow(a, b, pair.offset, config.elastic, min_std=config.match.min_std_fraction * top)
+        flows.append(flow)
     for i in range(len(shapes)):
         if i not in contents:  # a tile with no neighbour at all is still looked at, for the report
-            read_and_look(i)
-    return {"tiles": [contents[i] for i in range(len(shapes))], "pairs": [p.as_dict() for p in pairs]}
+            tile(i)
+    return {"tiles": [contents[i] for i in range(len(shapes))], "pairs": pairs, "flows": flows,
+            "shapes": [[int(h), int(w)] for h, w in shapes]}
 
 
 def solve_section(stage_xy: np.ndarray, measured: dict, config: MontageConfig = MontageConfig()) -> dict:
@@ -108,6 +125,13 @@ def solve_section(stage_xy: np.ndarray, measured: dict, config: MontageConfig = 
                       "x": float(solution.positions[i, 0]), "y": float(solution.positions[i, 1]),
                       "stage_x": float(stage_xy[i, 0]), "stage_y": float(stage_xy[i, 1]),
                       "gain": float(gain[i]), "offset": float(offset[i]), "group": int(solution.groups[i])})
+    if config.elastic.enabled and measured.get("flows") and measured.get("shapes"):
+        shapes = [tuple(s) for s in measured["shapes"]]
+        elastic = relax_section(solution.positions, shapes, pairs, used, measured["flows"], unplaced, config.elastic)
+        for record, mesh in zip(tiles, elastic.pop("meshes")):
+            record["mesh"] = mesh
+    else:
+        elastic = None
     used_residuals = [r["residual_px"] for r in pair_records if r["status"] == "used"]
     summary = {
         "tiles": n,
@@ -121,7 +145,48 @@ def solve_section(stage_xy: np.ndarray, measured: dict, config: MontageConfig = 
         "seam_residual_max_px": float(np.max(used_residuals)) if used_residuals else None,
         "groups": len({int(solution.groups[i]) for i in range(n) if i not in unplaced}),
     }
+    if elastic is not None:
+        summary["elastic"] = elastic
     return {"summary": summary, "tiles": tiles, "pairs": pair_records}
+
+
+def _stats(values: np.ndarray, prefix: str) -> dict:
+    if not len(values):
+        return {f"{prefix}median_px": None, f"{prefix}p95_px": None, f"{prefix}max_px": None}
+    return {f"{prefix}median_px": float(np.median(values)), f"{prefix}p95_px": float(np.percentile(values, 95)),
+            f"{prefix}max_px": float(np.max(values))}
+
+
+def relax_section(positions: np.ndarray, shapes: Sequence[tuple[int, int]], pairs: Sequence[PairMatch],
+                  used: Sequence[int], flows: Sequence[dict | None], unplaced: set[int],
+                  config: ElasticConfig) -> dict:
+    """Meshes of every tile (None for a tile left at its stage position) from the flows of the
+    used pairs, and the seam figures: each flow point's disagreement between its two tiles with
+    the rigid placement and after relaxing (px). A used pair without flow points (an overlap too
+    narrow for patches) holds its tiles by its rigid offset at the overlap's centre."""
+    constraints: list[PairPoints] = []
+    for k in used:
+        p = pairs[k]
+        flow = flows[k] if k < len(flows) and flows[k] else None
+        if not flow or not flow["points"]:
+            (ha, wa), (hb, wb) = shapes[p.a], shapes[p.b]
+            dx, dy = p.offset
+            centre = [(max(0.0, dx) + min(wa, dx + wb)) / 2 - 0.5, (max(0.0, dy) + min(ha, dy + hb)) / 2 - 0.5]
+            flow = {"points": [centre], "flow": [[0.0, 0.0]]}
+        constraints.append(pair_points(p.a, p.b, positions, p.offset, flow))
+    relaxed = relax_meshes(shapes, constraints, config)
+    rigid = np.concatenate([r[k] for r, k in zip(relaxed.rigid_residuals, relaxed.kept)] or [np.zeros(0)])
+    after = np.concatenate([r[k] for r, k in zip(relaxed.residuals, relaxed.kept)] or [np.zeros(0)])
+    meshes = []
+    for i, mesh in enumerate(relaxed.meshes):
+        meshes.append(None if i in unplaced else {"dx": np.round(mesh[..., 0], 3).tolist(),
+                                                  "dy": np.round(mesh[..., 1], 3).tolist()})
+    points = sum(len(c.target) for c in constraints)
+    kept = int(sum(k.sum() for k in relaxed.kept))
+    return {"meshes": meshes, "points": points, "points_dropped": points - kept,
+            "pairs_without_flow": sum(1 for k in used if not (k < len(flows) and flows[k] and flows[k]["points"])),
+            **_stats(rigid, "rigid_"), **_stats(after, ""),
+            "max_displacement_px": float(np.abs(relaxed.meshes).max()) if len(relaxed.meshes) else 0.0}
 
 
 def placed_tiles(solved: dict, pixels: dict[int, np.ndarray]) -> list[PlacedTile]:
@@ -130,7 +195,24 @@ def placed_tiles(solved: dict, pixels: dict[int, np.ndarray]) -> list[PlacedTile
     for i, array in pixels.items():
         t = solved["tiles"][i]
         weight = 1.0 if t["content"] == "ok" else FALLBACK_WEIGHT
-        out.append(PlacedTile(array, t["x"], t["y"], t["gain"], t["offset"], weight))
+        out.append(PlacedTile(array, t["x"], t["y"], t["gain"], t["offset"], weight, tile_mesh(t)))
+    return out
+
+
+def tile_mesh(record: dict) -> np.ndarray | None:
+    """A solved tile's mesh displacements [cells + 1, cells + 1, 2] (x, y), or None (rigid)."""
+    mesh = record.get("mesh")
+    if not mesh:
+        return None
+    return np.stack([np.asarray(mesh["dx"], float), np.asarray(mesh["dy"], float)], axis=-1)
+
+
+def tile_margins(solved: dict) -> list[float]:
+    """How far (px) each solved tile's mesh moves any of its pixels from its rigid footprint."""
+    out = []
+    for t in solved["tiles"]:
+        mesh = tile_mesh(t)
+        out.append(0.0 if mesh is None else float(np.abs(mesh).max()))
     return out
 
 

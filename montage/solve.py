@@ -52,8 +52,9 @@ def solve_graph(n: int, edges: np.ndarray, targets: np.ndarray, prior: np.ndarra
                 weights: np.ndarray | None = None) -> np.ndarray:
     """argmin_v sum_k w_k |v_b - v_a - t_k|^2 + prior_weight sum_i |v_i - prior_i|^2 for edges (a, b);
     `targets` and `prior` may have several columns (solved together)."""
-    targets = targets.reshape(len(edges), -1)
     prior = prior.reshape(n, -1)
+    # No edge (no trusted pair at all, or every pair rejected): the prior alone decides.
+    targets = targets.reshape(len(edges), prior.shape[1])
     weights = np.ones(len(edges)) if weights is None else np.asarray(weights, float)
     a, b = (edges[:, 0], edges[:, 1]) if len(edges) else (np.zeros(0, int), np.zeros(0, int))
     # Normal equations of the difference operator: a weighted graph Laplacian plus the prior.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -203,3 +204,21 @@ def chunk_grid(
             write=cell,
             read=cell.grow(overlap).intersection(bounds),
         )
+
+
+_CHUNK_NAME = re.compile(r"^(-?\d+)-(-?\d+)_(-?\d+)-(-?\d+)_(-?\d+)-(-?\d+)$")
+
+
+def parse_chunk_name(name: str) -> Box | None:
+    """The box of a precomputed chunk file (`x0-x1_y0-y1_z0-z1`, a path or a `.json`/`.gz`
+    suffix allowed); None if the name is not a chunk's. Coordinates may be negative (a layer
+    whose voxel offset is below zero, as a montage's can be: `-3-13_...`)."""
+    stem = name.rsplit("/", 1)[-1]
+    for suffix in (".json", ".gz", ".br"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    match = _CHUNK_NAME.match(stem)
+    if match is None:
+        return None
+    x0, x1, y0, y1, z0, z1 = (int(v) for v in match.groups())
+    return Box((x0, y0, z0), (x1, y1, z1))

@@ -25,6 +25,8 @@ import os
 import threading
 from typing import Any
 
+from exaconnect.precomputed.bbox import parse_chunk_name
+
 ENV = "EXACONNECT_VERIFY_CHECKSUMS"
 MANIFEST_DIR = "checksums"
 
@@ -50,16 +52,8 @@ def forget_cached_manifests() -> None:
 
 
 def _parse_box(name: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    stem = name.rsplit("/", 1)[-1]
-    if stem.endswith(".json"):
-        stem = stem[: -len(".json")]
-    try:
-        ranges = [tuple(int(v) for v in part.split("-")) for part in stem.split("_")]
-    except ValueError:
-        return None
-    if len(ranges) != 3 or any(len(r) != 2 for r in ranges):
-        return None
-    return tuple(r[0] for r in ranges), tuple(r[1] for r in ranges)
+    box = parse_chunk_name(name)
+    return None if box is None else (tuple(box.start), tuple(box.stop))
 
 
 def _listing(cloudpath: str, key: str):

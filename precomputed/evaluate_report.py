@@ -15,6 +15,7 @@ import numpy as np
 
 from exaconnect.errors import InputError
 from exaconnect.precomputed.bbox import Box, require_inside
+from exaconnect.precomputed.baselines import WatershedParameters, baseline_scores
 from exaconnect.precomputed.evaluate import contingency_table, segmentation_metrics
 from exaconnect.precomputed.layers import layer_bounds, open_layer, read_box
 from exaconnect.precomputed.skeleton_metrics import (
@@ -155,7 +156,11 @@ def write_figure(segmentation: np.ndarray, groundtruth: np.ndarray, metrics: dic
 
     seg_edges = membrane_mask(segmentation[z : z + 1])[0]
     gt_edges = membrane_mask(groundtruth[z : z + 1])[0]
-    base = image[z].astype(float) / 255 if image is not None else np.full(seg_edges.shape, 0.5)
+    if image is not None:  # any dtype: stretched to the slice's range
+        base = image[z].astype(float) - float(image[z].min())
+        base /= max(float(base.max()), 1e-9)
+    else:
+        base = np.full(seg_edges.shape, 0.5)
     rgb = np.stack([base] * 3, -1)
     rgb[gt_edges] = (0.1, 0.9, 0.1)
     rgb[seg_edges] = (0.9, 0.1, 0.9)
@@ -190,11 +195,33 @@ def _skeleton_panel(ax, metrics: dict) -> None:
                  f"{metrics['skeleton_merging_segments']} merging segments", fontsize=9)
 
 
+def read_image(spec: str, like: LabelVolume) -> np.ndarray:
+    """The image [z, y, x] over the box of `like` (a layer, or a `.npy`/`file.h5:dataset` stack
+    whose first voxel is global voxel 0,0,0)."""
+    from exaconnect.precomputed.sources import open_source
+
+    (z, y, x), (x0, y0, z0) = like.labels.shape, like.offset
+    box = Box((x0, y0, z0), (x0 + x, y0 + y, z0 + z))
+    text = str(spec)
+    if text.endswith(".npy") or ".h5:" in text:
+        source = open_source(text)
+        require_inside(box, Box.from_shape(tuple(source.shape[::-1])), f"the scored box in image {text}")
+        return np.asarray(source.read_slab(z0, z0 + z))[:, y0:y0 + y, x0:x0 + x]
+    vol = open_layer(text, layer_type="image")
+    require_inside(box, layer_bounds(vol), f"the scored box in image layer {text}")
+    return read_box(vol, box)
+
+
 def evaluate(segmentation_spec: str, groundtruth_spec: str, bbox: Box | None = None, out: str | None = None,
              ignore_segmentation_zero: bool = False, skeletons: SkeletonOptions | None = None,
-             ignore_groundtruth_zero: bool = True) -> dict:
+             ignore_groundtruth_zero: bool = True, image_spec: str | None = None,
+             watershed: WatershedParameters | None = None) -> dict:
     """Scores of a segmentation against ground truth in `bbox`; with `out`, the JSON and a PNG
-    beside it. Every score is computed before anything is written."""
+    beside it. Every score is computed before anything is written.
+
+    With `image_spec` (the segmented image), `baselines` holds the scores of an empty
+    segmentation and of a seeded watershed of the image on the same box (precomputed/baselines.py),
+    both with label 0 counted as one segment whatever `ignore_segmentation_zero` says."""
     segmentation = read_labels(segmentation_spec, bbox)
     groundtruth = read_labels(groundtruth_spec, bbox)
     metrics = segmentation_metrics(segmentation.labels, groundtruth.labels, ignore_groundtruth_zero=ignore_groundtruth_zero,
@@ -204,9 +231,16 @@ def evaluate(segmentation_spec: str, groundtruth_spec: str, bbox: Box | None = N
                     "ignore_groundtruth_zero": bool(ignore_groundtruth_zero)})
     if skeletons is not None:
         metrics.update(skeleton_scores(segmentation, groundtruth, skeletons))
+    image = read_image(image_spec, segmentation) if image_spec else None
+    if image is not None:
+        def score(labels: np.ndarray, truth: np.ndarray) -> dict:
+            return segmentation_metrics(labels, truth, ignore_groundtruth_zero=ignore_groundtruth_zero)
+
+        metrics["baselines"] = {"image": image_spec, **baseline_scores(image, groundtruth.labels, score,
+                                                                       watershed or WatershedParameters())}
     if out:
         out_path = Path(out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(metrics, indent=1))
-        write_figure(segmentation.labels, groundtruth.labels, metrics, out_path.with_suffix(".png"))
+        write_figure(segmentation.labels, groundtruth.labels, metrics, out_path.with_suffix(".png"), image)
     return metrics

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from exaconnect.errors import InputError, LayerError
-from exaconnect.precomputed.bbox import Box, chunk_boxes
+from exaconnect.precomputed.bbox import Box, chunk_boxes, parse_chunk_name
 from exaconnect.precomputed.checksums import forget_cached_manifests
 from exaconnect.precomputed.chunks import chunk_problem
 from exaconnect.precomputed.layers import chunk_name, layer_url, local_path, mip_bounds, open_layer
@@ -97,8 +97,10 @@ def _manifest_name(vol, box: Box, mip: int) -> str:
 
 
 def _chunk_shape(vol, name: str, mip: int) -> list[int]:
-    ranges = name.split("/")[-1].split("_")
-    return [int(b) - int(a) for a, b in (r.split("-") for r in ranges)] + [int(vol.meta.num_channels)]
+    box = parse_chunk_name(name)
+    if box is None:
+        raise LayerError(f"{name}: not a chunk name (x0-x1_y0-y1_z0-z1)")
+    return list(box.shape) + [int(vol.meta.num_channels)]
 
 
 def _problem(vol, name: str, content: bytes | None, mip: int) -> str:

@@ -373,7 +373,6 @@ class AlignStep(Stage):
     config: Any = None  # AlignConfig, or one resolved when the step starts (see _resolve)
     step: str = "flow"
     previous: Stage | None = None
-    upstream: tuple[Stage, ...] = ()
 
     def __post_init__(self) -> None:
         if self.step not in STAGES:
@@ -426,10 +425,6 @@ class AlignApply(Stage):
     dest: str
     alignment: str
     order: int = 0
-    upstream: tuple[Stage, ...] = ()
-
-    def requires(self) -> tuple[Stage, ...]:
-        return self.upstream
 
     def make_tasks(self) -> list:
         return create_align_apply_tasks(self.src, self.dest, self.alignment, order=self.order)

@@ -84,10 +84,6 @@ class DownsampleStage(Stage):
     bbox: Box | None = None
     factor: tuple[int, int, int] = (2, 2, 2)
     allow_missing: bool = False
-    upstream: tuple[Stage, ...] = ()
-
-    def requires(self) -> tuple[Stage, ...]:
-        return self.upstream
 
     def make_tasks(self) -> list:
         return list(create_downsample_tasks(self.layer, num_mips=self.num_mips, mip=self.mip, bbox=self.bbox,

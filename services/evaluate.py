@@ -1,5 +1,6 @@
 """Evaluate: a segmentation layer scored against ground truth (VI split/merge, adapted Rand
-error, split and merged bodies) as a queue task, so that a pipeline's scores are a stage like
+error, split and merged bodies; beside them an empty segmentation's and a watershed's scores when
+the image is given) as a queue task, so that a pipeline's scores are a stage like
 any other and are recorded with it. The scores go into the run's store as JSON, and a PNG
 (per-body scatter and an overlay slice) is written beside them on local storage."""
 
@@ -22,11 +23,14 @@ class EvaluateTask(RegisteredTask):
 
     def __init__(self, segmentation: str, groundtruth: str, store: str, key: str, bbox: list | None = None,
                  ignore_segmentation_zero: bool = False, skeletons: str | None = None, kimimaro: dict | None = None,
-                 merge_min_nodes: int = 1, resolution: list | None = None, ignore_groundtruth_zero: bool = True):
+                 merge_min_nodes: int = 1, resolution: list | None = None, ignore_groundtruth_zero: bool = True,
+                 image: str | None = None, watershed: dict | None = None):
         """Skeleton scores are added when `skeletons` (a segmentation layer with a skeleton source)
-        or `kimimaro` (KimimaroParameters fields, for skeletons of the ground truth) is given."""
+        or `kimimaro` (KimimaroParameters fields, for skeletons of the ground truth) is given; the
+        baselines (an empty segmentation, a watershed of `image` with `watershed`'s
+        WatershedParameters fields) when `image` is given."""
         super().__init__(segmentation, groundtruth, store, key, bbox, ignore_segmentation_zero, skeletons, kimimaro,
-                         merge_min_nodes, resolution, ignore_groundtruth_zero)
+                         merge_min_nodes, resolution, ignore_groundtruth_zero, image, watershed)
 
     def skeleton_options(self):
         from exaconnect.precomputed.evaluate_report import SkeletonOptions
@@ -44,6 +48,7 @@ class EvaluateTask(RegisteredTask):
                                resolution=tuple(self.resolution) if self.resolution else None)
 
     def execute(self) -> None:
+        from exaconnect.precomputed.baselines import WatershedParameters
         from exaconnect.precomputed.evaluate_report import evaluate
 
         store = ArtifactStore(self.store)
@@ -53,7 +58,8 @@ class EvaluateTask(RegisteredTask):
             os.makedirs(os.path.dirname(local), exist_ok=True)
         # evaluate() writes the JSON and a PNG beside it; the store then vouches for the JSON.
         metrics = evaluate(self.segmentation, self.groundtruth, box, local, bool(self.ignore_segmentation_zero),
-                           self.skeleton_options(), bool(self.ignore_groundtruth_zero))
+                           self.skeleton_options(), bool(self.ignore_groundtruth_zero), self.image,
+                           WatershedParameters.from_dict(self.watershed))
         store.put_json(self.key, metrics)
 
 
@@ -63,7 +69,7 @@ class EvaluateStage(Stage):
 
     service: ClassVar[str] = "evaluate"
     stage_name: ClassVar[str] = "evaluate"
-    description: ClassVar[str] = "VI, adapted Rand error and expected run length against ground truth"
+    description: ClassVar[str] = "VI, adapted Rand error and expected run length against ground truth, beside baselines"
     segmentation: str
     groundtruth: str
     store: str
@@ -74,18 +80,26 @@ class EvaluateStage(Stage):
     skeletons: str | None = None
     kimimaro: Mapping[str, Any] | None = None
     merge_min_nodes: int = 1
-    upstream: tuple[Stage, ...] = ()
+    # The segmented image: an empty segmentation and a seeded watershed of it (WatershedParameters
+    # fields in `watershed`, default if None) are scored beside the segmentation, as `baselines`.
+    image: str | None = None
+    watershed: Mapping[str, Any] | None = None
 
-    def requires(self) -> tuple[Stage, ...]:
-        return self.upstream
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.watershed is not None:
+            from exaconnect.precomputed.baselines import WatershedParameters
+
+            WatershedParameters.from_dict(self.watershed)  # a bad option fails when the run is planned
 
     def make_tasks(self) -> list:
         return [EvaluateTask(self.segmentation, self.groundtruth, self.store, self.key,
                              self.bbox.to_list() if self.bbox else None, False, self.skeletons,
-                             dict(self.kimimaro) if self.kimimaro is not None else None, self.merge_min_nodes)]
+                             dict(self.kimimaro) if self.kimimaro is not None else None, self.merge_min_nodes,
+                             None, True, self.image, dict(self.watershed) if self.watershed is not None else None)]
 
     def reads(self) -> tuple[str, ...]:
-        return (self.segmentation, self.groundtruth)
+        return (self.segmentation, self.groundtruth) + ((self.image,) if self.image else ())
 
     def writes(self) -> tuple[str, ...]:
         return (f"{self.store}/{self.key}",)

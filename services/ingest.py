@@ -125,7 +125,6 @@ class IngestStage(Stage):
     src: str
     dest: str
     options: IngestOptions
-    upstream: tuple[Stage, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,9 +132,6 @@ class IngestStage(Stage):
         path, h5, _ = str(self.src).partition(".h5:")
         if os.path.exists(path + h5[:-1] if h5 else str(self.src)):
             object.__setattr__(self, "src", absolute_source(self.src))
-
-    def requires(self) -> tuple[Stage, ...]:
-        return self.upstream
 
     def make_tasks(self) -> list:
         return create_ingest_tasks(self.src, self.dest, self.options)

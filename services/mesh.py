@@ -53,10 +53,6 @@ class MeshForge(Stage):
     shape: tuple[int, int, int] = (256, 256, 256)
     simplification_error: float = 40.0
     allow_missing: bool = False
-    upstream: tuple[Stage, ...] = ()
-
-    def requires(self) -> tuple[Stage, ...]:
-        return self.upstream
 
     def make_tasks(self) -> list:
         return create_mesh_forge_tasks(self.layer, mip=self.mip, shape=self.shape,

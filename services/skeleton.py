@@ -56,10 +56,6 @@ class SkeletonForge(Stage):
     const: float = 100.0
     dust_threshold: int = 500
     allow_missing: bool = False
-    upstream: tuple[Stage, ...] = ()
-
-    def requires(self) -> tuple[Stage, ...]:
-        return self.upstream
 
     def make_tasks(self) -> list:
         return create_skeleton_forge_tasks(self.layer, mip=self.mip, shape=self.shape, scale=self.scale, const=self.const,

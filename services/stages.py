@@ -64,6 +64,9 @@ class Stage:
     name: str = ""
     # This instance's lease, where it differs from the class's (e.g. a user's --lease-seconds).
     lease: int | None = dataclasses.field(default=None, metadata={"fingerprint": False})
+    # Stages that must be complete before this one starts (what produced its inputs); a stage
+    # with requirements of its own making (the previous step of a chain) overrides `requires()`.
+    upstream: tuple["Stage", ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,7 +91,7 @@ class Stage:
 
     # ---- what a subclass provides
     def requires(self) -> tuple["Stage", ...]:
-        return ()
+        return tuple(self.upstream)
 
     def make_tasks(self) -> Iterable[Any]:
         raise NotImplementedError(f"{type(self).__qualname__}.make_tasks")

@@ -212,3 +212,20 @@ class TrainPartition(Stage):
 
     def writes(self) -> tuple[str, ...]:
         return (self.dest,)
+
+
+@dataclass(frozen=True)
+class TrainSweep(Stage):
+    """One training task per grid point of a sweep file (ffn/training/sweep.py)."""
+
+    service: ClassVar[str] = "train"
+    stage_name: ClassVar[str] = "train.sweep"
+    lease_seconds: ClassVar[int] = 3600
+    description: ClassVar[str] = "a training run per grid point"
+    sweep: str
+
+    def make_tasks(self) -> list:
+        return create_sweep_tasks(self.sweep)
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.sweep,)

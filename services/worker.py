@@ -162,12 +162,22 @@ class TaskBoxes:
         os.replace(tmp, final)
 
 
-def write_heartbeat(path: str) -> None:
+def write_heartbeat(path: str, task: str | None = None, task_started: float | None = None,
+                    progress: float | None = None, task_timeout: float | None = None, pid: int | None = None) -> None:
+    """The liveness file (`--heartbeat`), one JSON object: `time` it was written, the worker's
+    `pid`, the `task` it runs and `task_started`, `progress` (when its task loop last moved: leased,
+    finished or polled) and its `task_timeout`. The task loop writes it at every step, the lease
+    keeper (or the supervisor) every 10 s; deploy/healthcheck.sh fails a worker whose file is old,
+    whose task ran past task_timeout or whose progress is older than the probe's limit."""
+    now = time.time()
+    record = {"time": round(now, 3), "pid": pid or os.getpid(), "task": task or None,
+              "task_started": round(task_started, 3) if task_started else None,
+              "progress": round(progress if progress is not None else now, 3), "task_timeout": task_timeout}
     tmp = f"{path}.{os.getpid()}.tmp"
     for _ in range(2):
         try:
             with open(tmp, "w") as f:
-                f.write(f"{time.time():.0f}\n")
+                f.write(json.dumps(record) + "\n")
             os.replace(tmp, path)
             return
         except FileNotFoundError:
@@ -177,6 +187,33 @@ def write_heartbeat(path: str) -> None:
                 return
         except OSError:
             return  # a full or vanished volume must not kill the worker; the probe will notice
+
+
+def heartbeat_progress(path: str) -> float | None:
+    """The `progress` the task loop last wrote to the heartbeat file (None: none readable)."""
+    try:
+        with open(path) as f:
+            value = json.loads(f.read()).get("progress")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def task_loop_beat(options: "WorkerOptions", task: str | None = None, started: float | None = None) -> None:
+    """The task loop moved (a lease, a finished task, an empty poll): progress is now."""
+    if options.heartbeat:
+        write_heartbeat(options.heartbeat, task, started, task_timeout=options.task_timeout_seconds)
+
+
+def _slots_beat(options: "WorkerOptions", slots, pid: int, keeper: bool) -> None:
+    """A beat from outside the task loop: the longest-running task of `slots`. A lease keeper keeps
+    the progress its worker's task loop wrote; a supervisor, whose workers do not write the file,
+    counts the oldest running task's start as the last progress (now when none runs)."""
+    running = [(slot.started, slot.task_id) for slot in slots
+               if slot.state in (LeaseSlot.RUNNING, LeaseSlot.TIMED_OUT) and slot.task_id]
+    started, task = min(running) if running else (None, None)
+    progress = heartbeat_progress(options.heartbeat) if keeper else started
+    write_heartbeat(options.heartbeat, task, started, progress, options.task_timeout_seconds, pid)
 
 
 # ---------------------------------------------------------------- the lease slot and its keeper
@@ -260,7 +297,7 @@ def _keeper_loop(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, work
             return  # the worker is gone; its lease runs out by itself
         now = time.time()
         if options.heartbeat and now - last_beat >= HEARTBEAT_SECONDS:
-            write_heartbeat(options.heartbeat)
+            _slots_beat(options, [slot], worker_pid, keeper=True)
             last_beat = now
         notify = timeout_notify = False
         if slot.acquire():
@@ -434,8 +471,7 @@ class Worker:
         ledger = FailureLedger.for_queue(self.queue_spec, self.options.ledger_dir)
         self.boxes = TaskBoxes(ledger.root)
         slot = self.slot or LeaseSlot()
-        if self.options.heartbeat:
-            write_heartbeat(self.options.heartbeat)
+        task_loop_beat(self.options)
         self._ledger_root = str(ledger.root)
         keeper = _start_keeper(queue, self.options, slot, self._ledger_root)
         handlers = [(signal.SIGUSR1, self._on_lease_lost), (signal.SIGUSR2, self._on_timeout)]
@@ -450,6 +486,7 @@ class Worker:
                 keeper = self._check_keeper(keeper, queue, slot)
                 lease = queue.lease(int(self.options.lease_seconds))
                 if lease is None:
+                    task_loop_beat(self.options)  # an empty poll is progress too
                     if self.options.exit_when_empty and queue.is_empty():
                         break
                     time.sleep(self._idle_sleep(idle))
@@ -535,6 +572,7 @@ class Worker:
         log.info("task %s (%s, box %s) started, attempt %d/%d", task_id, name, box, lease.attempts, max_attempts)
         self.boxes.mark(task, "running", box)
         started = time.time()
+        task_loop_beat(self.options, task_id, started)
         outcome, error = "done", ""
         try:
             self._interruptible = True
@@ -556,6 +594,7 @@ class Worker:
                 state, current = slot.state, slot.lease()
                 slot.put(LeaseSlot.IDLE)
                 slot.release()
+            task_loop_beat(self.options)
         lease = replace(lease, name=current.name or lease.name)
         if state == LeaseSlot.LOST or outcome == "lost":
             self.abandoned += 1
@@ -647,7 +686,8 @@ def run_workers(queue: str, options: WorkerOptions, processes: int = 1, supervis
 
     def start() -> None:
         slot = LeaseSlot(context)
-        child = context.Process(target=_worker_process, args=(queue, options, slot))
+        # the supervisor alone writes the heartbeat, from every worker's slot (_slots_beat)
+        child = context.Process(target=_worker_process, args=(queue, replace(options, heartbeat=None), slot))
         child.start()
         children[child.sentinel] = (child, slot)
 
@@ -670,7 +710,7 @@ def run_workers(queue: str, options: WorkerOptions, processes: int = 1, supervis
     try:
         while children:
             if options.heartbeat and time.time() - last_beat >= HEARTBEAT_SECONDS:
-                write_heartbeat(options.heartbeat)
+                _slots_beat(options, [slot for _, slot in children.values()], os.getpid(), keeper=False)
                 last_beat = time.time()
             if stop_requests is not None:
                 wanted = stop_requests()

@@ -124,3 +124,20 @@ def make_tiny_ffn(path: Path) -> str:
                  {k: rng.normal(scale=0.1, size=v.shape) + (2.0 if k == "conv_lom" else 0.0) for k, v in biases.items()})
     save_network(model, path, FFNConfig(model=config, inference=InferenceOptions(min_segment_size=10)))
     return str(path)
+
+
+# `make test-quick` (pytest -m quick): the tests of kernels, configs, the registry and the CLI's
+# parsing, which start no worker processes and train nothing: a few minutes on two cores, for
+# the edit-test loop. `make test` runs everything.
+QUICK_MODULES = {
+    "test_architecture", "test_bbox", "test_pipeline_config", "test_stage_registry", "test_align_kernels",
+    "test_ffn_config", "test_ffn_movement", "test_ffn_seeds", "test_ffn_seed_order", "test_ffn_canvas",
+    "test_montage_kernels", "test_montage_manifest", "test_skeleton_metrics", "test_train_loss_weights",
+    "test_viewer_paths", "test_viewer_state", "test_reliability_config", "test_reliability_inputs",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in QUICK_MODULES and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.quick)

@@ -12,7 +12,7 @@ from exaconnect.errors import InputError
 from exaconnect.align.flow import FlowConfig, grid_points
 from exaconnect.align.match import AlignConfig, align_in_memory, config_for_shape
 from exaconnect.align.mesh import SpringMeshConfig
-from exaconnect.align.perturb import PerturbConfig, misalign_sample, misalign_stack
+from exaconnect.align.misalign import MisalignmentConfig, misalign_sample, misalign_stack
 from exaconnect.align.quality import chunked_correlation, end_point_error, neighbor_end_point_error
 from exaconnect.services.align import (align_report, align_stack_through_queue, create_align_render_tasks, get_file,
                                        load_meshes)
@@ -29,7 +29,7 @@ def test_misalign_records_the_truth():
     from scipy import ndimage
 
     stack = np.clip(128 + 40 * ndimage.gaussian_filter(rng.normal(size=(3, 120, 120)), (0, 2, 2)) / 0.14, 1, 255).astype(np.uint8)
-    misaligned, truth = misalign_stack(stack, PerturbConfig(max_translation=10, blank_sections=(1,)), seed=3)
+    misaligned, truth = misalign_stack(stack, MisalignmentConfig(max_translation=10, blank_sections=(1,)), seed=3)
     assert misaligned.shape == stack.shape and not misaligned[1].any()
     # Pixel p of section 2 shows the original at truth.source_positions(2, p).
     p = np.array([[60.0, 60.0]])
@@ -68,7 +68,7 @@ def aligned(fib25_image, tmp_path_factory):
     """A 30-section FIB-25 sub-stack, misaligned with the truth recorded, aligned through the queue."""
     root = tmp_path_factory.mktemp("align")
     original = fib25_image[:SECTIONS]
-    misaligned, truth = misalign_stack(original, PerturbConfig(blank_sections=(BLANK,), inverted_sections=(INVERTED,),
+    misaligned, truth = misalign_stack(original, MisalignmentConfig(blank_sections=(BLANK,), inverted_sections=(INVERTED,),
                                                                fold_sections=(FOLDED,)), seed=7)
     np.save(root / "misaligned.npy", misaligned)
     src, dest = str(root / "src"), str(root / "dest")

@@ -144,28 +144,53 @@ def test_chart_defaults_one_worker_per_service():
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         probe = c["livenessProbe"]["exec"]["command"]
-        assert probe[-2] == _arg(c, "--heartbeat") and int(probe[-1]) == 120
+        assert probe[0] == "exaconnect-healthcheck" and probe[1] == _arg(c, "--heartbeat") and int(probe[2]) == 120
         assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
         assert not any("gpu" in key for key in c["resources"]["requests"])
         assert pod["volumes"][1]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
 
 
 def test_chart_heartbeat_probe_passes_and_fails(tmp_path):
-    c = _worker(_by_kind(_render({}), "Deployment")["exa-exaconnect-mesh"])
+    """The chart's probe is the image's exaconnect-healthcheck (deploy/healthcheck.sh) on the
+    worker's heartbeat: its age, its task against the task timeout, its progress against the limit."""
+    c = _worker(_by_kind(_render({"worker": {"progressLimitSeconds": 900}}), "Deployment")["exa-exaconnect-mesh"])
     command = c["livenessProbe"]["exec"]["command"]
+    assert command[0] == "exaconnect-healthcheck" and command[2:] == ["120", "900"]
+    assert _arg(c, "--task-timeout") == "3600"
     beat = tmp_path / "heartbeat"
-    beat.write_text("")
-    run = lambda: subprocess.run(command[:3] + [str(beat), command[4]], capture_output=True).returncode  # noqa: E731
-    assert run() == 0
+    run = lambda: subprocess.run([str(DEPLOY / "healthcheck.sh"), str(beat), *command[2:]],  # noqa: E731
+                                 capture_output=True, text=True)
+
+    def write(**fields):
+        now = time.time()
+        record = {"time": now, "pid": 7, "task": None, "task_started": None, "progress": now, "task_timeout": 3600.0}
+        beat.write_text(json.dumps({**record, **fields}))
+
+    write()
+    assert run().returncode == 0
+    write(task="t-1", task_started=time.time() - 800, progress=time.time() - 800)
+    assert run().returncode == 0, "a task within its timeout and the progress limit"
+    write(task="t-1", task_started=time.time() - 3700, progress=time.time() - 10)
+    out = run()
+    assert out.returncode == 1 and "t-1 has run 3700s, past its task timeout 3600s" in out.stderr
+    write(task=None, progress=time.time() - 1000)
+    out = run()
+    assert out.returncode == 1 and "no progress for 1000s (limit 900s)" in out.stderr
+    write()
     old = time.time() - 300
     os.utime(beat, (old, old))
-    assert run() != 0
+    assert run().returncode == 1
     beat.unlink()
-    assert run() != 0
-    # the image's HEALTHCHECK script agrees (and tolerates a missing file with --if-present)
+    assert run().returncode == 1
+    # the image's HEALTHCHECK (no arguments: the default file) tolerates a missing file with --if-present
     check = [str(DEPLOY / "healthcheck.sh")]
     assert subprocess.run(check + [str(beat)]).returncode == 1
     assert subprocess.run(check + ["--if-present", str(beat)]).returncode == 0
+
+
+def test_worker_is_not_pid_1_so_its_keeper_can_end_a_hung_task():
+    for deployment in _by_kind(_render({}), "Deployment").values():
+        assert deployment["spec"]["template"]["spec"]["shareProcessNamespace"] is True
 
 
 @pytest.mark.parametrize("accelerator,resource,device,flavour", [

@@ -110,5 +110,63 @@ def test_pipeline_job_on_two_simulated_nodes_matches_a_local_run(tmp_path):
         assert (status.enqueued, status.leased, status.failed) == (0, 0, 0), status.as_dict()
 
 
+def _pbs_demo():
+    """deploy/box/pbs_demo.py (`make cluster-demo`), imported."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pbs_demo", DEPLOY / "box" / "pbs_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The demo pipeline, smaller: 48^3 voxels in 16^3 chunks (8 segmentation subvolumes of 32^3, the
+# outer ones partial), the demo FFN trained for 60 steps; no misalignment (the full demo of
+# `make cluster-demo` aligns too).
+SMALL_DEMO = ["source.synthetic_shape=[48,48,48]", "ingest.chunk_size=[16,16,16]", "segment.subvolume=[32,32,32]",
+              "segment.overlap=[8,8,8]", "segment.demo_model_steps=60", "mesh.shape=[32,32,32]",
+              "skeletons.shape=[32,32,32]", "misalign.enabled=false", "align.enabled=false", "link.short=false"]
+
+
+@pytest.mark.slow
+def test_demo_through_pipeline_pbs_matches_a_local_run_and_survives_its_walltime(tmp_path):
+    """`make cluster-demo`, smaller: the demo pipeline through deploy/aurora/pipeline.pbs on 2
+    simulated hosts x 2 ranks, voxel-identical to `exaconnect run` with local workers; then the
+    segmentation redone in a job whose walltime expires while segment tasks run: every running task
+    is finished in the grace period or released, no lease is left held, and the resubmitted job
+    finishes the run without redoing a finished task, voxel-identical again."""
+    figures_path = tmp_path / "figures.json"
+    code = _pbs_demo().main(["--work", str(tmp_path / "box"), "--walltime-case", "--json", str(figures_path),
+                             *[a for s in SMALL_DEMO for a in ("--set", s)]])
+    figures = json.loads(figures_path.read_text())
+    assert code == 0 and figures["identical"], [r for r in figures["comparison"] if not r["identical"]]
+    layers = {r["layer"] for r in figures["comparison"]}
+    assert {"image", "groundtruth", "segmentation"} <= layers, layers
+    ranks = figures["ranks"]
+    assert sorted((r["host"], r["local"]) for r in ranks) == [(h, local) for h in HOSTS for local in (0, 1)]
+    cpus = sorted(os.sched_getaffinity(0))
+    for r in ranks:
+        assert r["mask"] == f"0.{r['local']}" and r["cpus"] == str(cpus[r["local"] % len(cpus)])
+        assert r["affinity"] == [cpus[r["local"] % len(cpus)]], "the rank runs on its CPU list"
+    drained = {stage for r in ranks for stage in r["stages"]}
+    for stage in ("ingest.image", "train.demo-model", "segment.initial", "segment.relabel", "mesh.forge",
+                  "skeleton.forge", "evaluate"):
+        assert stage in drained, (stage, drained)
+    assert all(r["tasks"] > 0 for r in ranks), "every rank drained tasks"
+    for queue, counts in figures["queues"].items():
+        assert (counts["enqueued"], counts["leased"], counts["dead_lettered"]) == (0, 0, 0), (queue, counts)
+
+    wall = figures["walltime"]
+    in_flight = set(wall["in_flight_at_sigterm"])
+    assert in_flight and wall["stopped_job_rc"] == 124
+    assert set(wall["finished_in_grace"]) | set(wall["released"]) == in_flight, wall
+    assert not wall["leases_held_after_stop"], wall["leases_held_after_stop"]
+    assert wall["resubmitted_rc"] == 0 and wall["redone"] == []
+    for queue, counts in wall["completions"].items():
+        assert counts["completed"] == counts["tasks"], (queue, counts)
+    assert all(s is not None and s < 120 for s in wall["released_leased_after_s"].values()), wall
+    assert wall["identical"], [r for r in wall["comparison"] if not r["identical"]]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-s"]))

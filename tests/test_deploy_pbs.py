@@ -153,6 +153,7 @@ def test_workers_job_keeps_one_ledger_per_service(tmp_path, queue, service):
 
 def test_pipeline_job_passes_stall_limit_and_ledger_dir(tmp_path):
     env = _job_env(tmp_path, 2, PIPELINE="configs/demo.yaml", QUEUE_ROOT="fq:///lus/flare/q", POLL_SECONDS="0",
+                   SERVICES="ingest segment",
                    WORKERS_PER_NODE="1", LEDGER_DIR="/lus/flare/ledger", STALL_SECONDS="1800",
                    OUTPUT="/lus/flare/out", EXA_STOP_FILE=str(tmp_path / "runner.done"))
     out = subprocess.run(["bash", str(DEPLOY / "aurora" / "pipeline.pbs")], env=env, capture_output=True, text=True,
@@ -168,7 +169,14 @@ def test_pipeline_job_passes_stall_limit_and_ledger_dir(tmp_path):
 def test_pipeline_job_stops_its_runner_when_the_walltime_stops_the_workers(tmp_path):
     """Workers stopped at the walltime leave the runner waiting for them: the job stops it too and
     exits 124 (resubmit), promptly; no rank sleeps out its poll interval after SIGTERM."""
+    from worker_tasks import NoopTask
+
+    from exaconnect.services.queue import open_queue
+
+    # a task waiting, or the ranks would not start a worker (an empty file queue is skipped)
+    open_queue(f"fq://{tmp_path / 'q' / 'segment'}", create=True).insert([NoopTask(0)])
     env = _job_env(tmp_path, PIPELINE="configs/demo.yaml", QUEUE_ROOT=f"fq://{tmp_path / 'q'}", WORKERS_PER_NODE="2",
+                   SERVICES="ingest segment",
                    FAKE_APPTAINER_WAIT="1", WALLTIME="00:00:12", STOP_GRACE="8", RELEASE_GRACE="3",
                    POLL_SECONDS="15", EXA_STOP_FILE=str(tmp_path / "runner.done"))
     started = time.monotonic()
@@ -180,3 +188,26 @@ def test_pipeline_job_stops_its_runner_when_the_walltime_stops_the_workers(tmp_p
     assert "stopping the runner" in out.stderr and "SIGKILL (" not in out.stderr
     signals = [r for r in _records(tmp_path, "apptainer.jsonl") if "signal" in r]
     assert len(signals) == 3 and {s["signal"] for s in signals} == {"TERM"}, signals  # 2 workers and the runner
+
+
+def test_ranks_start_workers_only_for_queues_with_tasks_and_runner_gets_run_args(tmp_path):
+    """A rank's pass over the services starts the container only for a file queue holding a task
+    (an idle pass costs a listing, not a Python start-up per service), and RUN_ARGS reach the runner."""
+    from worker_tasks import NoopTask
+
+    from exaconnect.services.queue import open_queue
+
+    open_queue(f"fq://{tmp_path / 'q' / 'segment'}", create=True).insert([NoopTask(0)])
+    open_queue(f"fq://{tmp_path / 'q' / 'mesh'}", create=True)  # exists, empty
+    env = _job_env(tmp_path, PIPELINE="configs/demo.yaml", QUEUE_ROOT=f"fq://{tmp_path / 'q'}", WORKERS_PER_NODE="2",
+                   SERVICES="ingest segment mesh", POLL_SECONDS="0", RUN_ARGS="--forget segment --set name=again",
+                   FAKE_APPTAINER_WAIT="1", WALLTIME="00:00:10", STOP_GRACE="6", RELEASE_GRACE="2",
+                   EXA_STOP_FILE=str(tmp_path / "runner.done"))
+    out = subprocess.run(["bash", str(DEPLOY / "aurora" / "pipeline.pbs")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 124, out.stderr  # the runner and the workers wait until the walltime stops them
+    runs = [r["argv"] for r in _records(tmp_path, "apptainer.jsonl") if "argv" in r]
+    (runner,) = [a for a in runs if "run" in a]
+    assert runner[-4:] == ["--forget", "segment", "--set", "name=again"]
+    queues = {a[a.index("work") + 1].rsplit("/", 1)[1] for a in runs if "work" in a}
+    assert queues == {"segment"}, queues

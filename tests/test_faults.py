@@ -56,3 +56,24 @@ def test_damaged_input_is_reported_and_its_tasks_dead_lettered_with_the_reason(u
         assert "missing 1 chunk" in result["refused"] and chunk in result["refused"]
         assert [m.split("/")[-1] for m in result["verify"]["missing"]] == [chunk]
     assert result["left"] == 0
+
+
+def test_a_decodable_garble_of_a_raw_chunk_is_caught_by_its_checksum(undisturbed):
+    root, model, reference = undisturbed
+    result = bench_faults.run_scenario("garble-raw", root, model, SHAPE, reference, seed=0)
+    assert result["passed"], result
+    assert [d.split("/")[-1] for d in result["verify"]["damaged"]] == [result["damaged_chunk"].split("/")[-1]]
+
+
+def test_a_hung_task_is_timed_out_and_dead_lettered_instead_of_holding_the_run(undisturbed):
+    root, model, reference = undisturbed
+    result = bench_faults.run_scenario("hang", root, model, SHAPE, reference, seed=0)
+    assert result["passed"] and result["faults_injected"] == 1, result
+    assert result["stopped_at"] == "stage segment.initial"
+    assert result["detect_seconds"] < 120, result
+
+
+def test_a_compresso_chunk_that_crashes_its_decoder_fails_its_task_by_name(undisturbed):
+    root, model, _ = undisturbed
+    result = bench_faults.run_scenario("compresso", root, model, SHAPE, None, seed=0)
+    assert result["passed"], result

@@ -79,10 +79,12 @@ def test_reduced_precision_is_close_to_float32_but_not_float32(predictors, preci
     assert not np.array_equal(narrow, wide)
 
 
-@pytest.mark.parametrize("precision, tolerance", [("bfloat16", 1e-3), ("float16", 5e-4)])
-def test_reduced_precision_rounds_what_the_numpy_emulation_rounds(predictors, precision, tolerance):
-    """The TF model at `precision` agrees with numpy_forward rounding conv inputs, kernels and
-    outputs to that type much better than either agrees with the unrounded pass."""
+def test_bfloat16_rounds_what_the_numpy_emulation_rounds(predictors):
+    """The TF model in bfloat16 agrees with numpy_forward rounding conv inputs, kernels and
+    outputs to bfloat16 far better than either agrees with the unrounded pass (measured 5e-8
+    of the output scale, on TF 2.15 and 2.21 alike). float16 is left out: TF 2.21 convolves it
+    in oneDNN with float32 sums, TF 2.15 in Eigen with float16 sums, so no one emulation fits."""
+    precision, tolerance = "bfloat16", 1e-3
     predictor = predictors[precision]
     image, mask = _patch(predictor, seed=1)
     out = predictor(image[:1], mask[:1])[0]
@@ -156,3 +158,14 @@ def test_cli_set_inference_precision_reaches_segment_box(tmp_path, tiny_path, im
     err = capsys.readouterr().err
     assert code == 2 and "precision='fp8'" in err
     assert not Path(tmp_path / "seg2").exists()
+
+
+def test_float16_on_the_cpu_is_loaded_with_a_warning(tiny_path, caplog):
+    from exaconnect.ffn.device import precision_warning
+
+    with caplog.at_level("WARNING", logger="exaconnect.ffn.predictor"):
+        load_model(tiny_path, config_overrides={"precision": "float16"}, device="cpu")
+    assert any("precision='float16'" in r.getMessage() and "slower than float32" in r.getMessage()
+               for r in caplog.records)
+    assert precision_warning("/device:CPU:0", "bfloat16") is None
+    assert precision_warning("/device:GPU:0", "float16") is None

@@ -263,3 +263,14 @@ def test_montage_config_rejects_unknown_keys():
     with pytest.raises(InputError, match="serch_px"):
         MontageConfig.from_dict({"match": {"serch_px": 3}})
     assert MontageConfig.from_dict({"match": {"search_px": 60}}).match.search_px == 60
+
+
+def test_a_section_without_a_single_trusted_pair_keeps_every_stage_position():
+    """The solve with no pair at all (every tile blank, or tiles too small to trust a match)
+    places each tile at its stage position and reports them, instead of failing the task."""
+    from exaconnect.montage.solve import solve_positions
+
+    stage = np.array([[3.0, 4.0], [50.0, 4.5], [3.5, 51.0]])
+    solution = solve_positions(stage, [], np.zeros((0, 2)))
+    assert np.allclose(solution.positions, stage)
+    assert sorted(solution.unplaced) == [0, 1, 2]

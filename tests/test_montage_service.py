@@ -65,7 +65,8 @@ def test_montage_stages_write_the_original_sections(tmp_path, sections, monkeypa
     layer = str(tmp_path / "montage")
     stages = montage.montage_stages(str(manifest), layer, (8, 8, 40), rules=ManifestRules(skip_missing_tiles=True),
                                     chunk_size=(64, 64, 2))
-    assert [s.name for s in stages] == ["montage.match", "montage.solve", "montage.render", "montage.report"]
+    assert [s.name for s in stages] == ["montage.match", "montage.solve", "montage.render", "montage.report",
+                                        "montage.outlines"]
     assert stages[1].requires() == (stages[0],) and stages[3].requires() == (stages[2],)
     assert len(run(stages[0])) == 3 and len(run(stages[1])) == 3
 
@@ -115,7 +116,7 @@ def test_bad_manifest_fails_before_anything_is_written(tmp_path, sections):
 def test_later_stages_refuse_to_start_early(tmp_path, sections):
     manifest, _ = write_tile_set(tmp_path, sections[:1])
     layer = str(tmp_path / "montage")
-    match, solve, render, _ = montage.montage_stages(str(manifest), layer, (8, 8, 40))
+    match, solve, render, *_ = montage.montage_stages(str(manifest), layer, (8, 8, 40))
     match.make_tasks()  # tasks made, none run
     with pytest.raises(Exception, match="montage match results missing for sections \\[5\\]"):
         solve.make_tasks()
@@ -149,3 +150,30 @@ def main_output(main, args) -> str:
     with contextlib.redirect_stdout(out):
         assert main(args) == 0
     return out.getvalue().strip().splitlines()[-1]
+
+
+def test_the_pipeline_stitches_the_built_in_sample_cut_into_tiles(tmp_path):
+    """`montage: {enabled: true}` with the synthetic source: the sample is cut into tiles with
+    wrong stage positions and per-tile brightness, stitched back by the montage stages, and the
+    run's summary carries the montage figures; the stitched stack is the sample's own."""
+    from exaconnect.pipeline import run_pipeline
+    from exaconnect.pipeline_config import load_pipeline
+    from exaconnect.precomputed.synthetic import SyntheticSpec, synthetic_volume
+
+    config = tmp_path / "p.yaml"
+    config.write_text(f"output: {tmp_path / 'out'}\nqueue_root: {tmp_path / 'q'}\nworkers: 1\n"
+                      "source: {image: synthetic, synthetic_shape: [72, 72, 32], synthetic_seed: 3}\n"
+                      "montage: {enabled: true, tile_size: 44, overlap: 16, stage_error_px: 6}\n"
+                      "ingest: {chunk_size: [32, 32, 16]}\nsegment: {enabled: false}\npyramid: {num_mips: 1}\n")
+    summary = run_pipeline(load_pipeline(config), progress=False)
+    m = summary["montage"]
+    assert m["sections"] == 32 and m["tiles_placed"] == m["tiles"] == 128 and m["pairs_used"] >= 128
+    assert m["seam_residual_max_px"] < 0.5
+    assert summary["stages"]["montage.render"]["status"] == "done"
+    vol = open_layer(summary["layers"]["image"], layer_type="image")
+    bounds = layer_bounds(vol)
+    assert (bounds.start, bounds.stop) == ((0, 0, 0), (72, 72, 32))
+    truth, _ = synthetic_volume(SyntheticSpec(shape=(32, 72, 72), seed=3))
+    assert np.abs(read_box(vol, bounds).astype(float) - truth).mean() < 4.0  # noise 2, gain 5 %, offset 5
+    again = run_pipeline(load_pipeline(config), progress=False)
+    assert {s["status"] for s in again["stages"].values()} == {"skipped"}

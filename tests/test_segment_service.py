@@ -49,7 +49,7 @@ def tiny_model(sample):
 
 def test_ffn_passes_stitch_and_rerun_through_the_queue(sample, tiny_model):
     from exaconnect.services.segment import SegmentTask
-    from exaconnect.services.segment_run import SegmentPlan, segment_volume
+    from exaconnect.services.segment_stages import SegmentPlan, segment_volume
     from exaconnect.services.stitch import SegmentFacesTask, relabel_cell
 
     root, _, _ = sample

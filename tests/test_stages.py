@@ -85,10 +85,63 @@ def test_meshes_and_skeletons_load_for_every_object(sample_layers):
     assert inside.mean() > 0.9
 
 
+def _entropy_bits(labels):
+    _, sizes = np.unique(labels[labels > 0], return_counts=True)
+    p = sizes / sizes.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_baselines_empty_scores_the_truths_entropy_and_a_watershed_beats_it():
+    from exaconnect.precomputed.baselines import WatershedParameters, baseline_scores, watershed_segmentation
+    from exaconnect.precomputed.evaluate import segmentation_metrics
+
+    image, labels = synthetic_volume(SyntheticSpec(shape=(40, 56, 48), seed=5))
+    scores = baseline_scores(image, labels, segmentation_metrics)
+    empty, watershed = scores["empty"], scores["watershed"]
+    assert empty["segments"] == 1 and empty["vi_split"] == 0 and abs(empty["vi"] - _entropy_bits(labels)) < 1e-9
+    assert watershed["vi"] < empty["vi"] and watershed["adapted_rand_error"] < empty["adapted_rand_error"]
+    segmented = watershed_segmentation(image, WatershedParameters())
+    assert segmented.shape == labels.shape and segmented.all()  # dense, like the ground truth
+    assert watershed["parameters"] == WatershedParameters().to_dict()
+    # A featureless image has nothing to flood from: one segment, not an error.
+    assert np.unique(watershed_segmentation(np.full((20, 20, 20), 7, np.uint8))).tolist() == [0]
+    assert list(baseline_scores(None, labels, segmentation_metrics)) == ["empty"]
+
+
+def test_evaluate_reports_baselines_on_the_scored_box_off_the_origin(sample_layers, tmp_path):
+    from exaconnect.errors import InputError
+    from exaconnect.precomputed.bbox import Box
+    from exaconnect.precomputed.baselines import WatershedParameters, watershed_segmentation
+    from exaconnect.precomputed.evaluate import segmentation_metrics
+    from exaconnect.precomputed.evaluate_report import evaluate
+    from exaconnect.services.evaluate import EvaluateStage
+
+    root, image, labels = sample_layers
+    box = Box((5, 9, 3), (50, 47, 61))  # x, y, z; off the origin and the 16^3 chunk grid
+    crop = (slice(3, 61), slice(9, 47), slice(5, 50))
+    metrics = evaluate(str(root / "labels"), str(root / "labels"), box, str(tmp_path / "scores.json"),
+                       image_spec=str(root / "image"), watershed=WatershedParameters(min_distance=8))
+    assert metrics["vi"] == 0
+    empty, watershed = metrics["baselines"]["empty"], metrics["baselines"]["watershed"]
+    assert abs(empty["vi"] - _entropy_bits(labels[crop])) < 1e-9
+    expected = segmentation_metrics(watershed_segmentation(image[crop], WatershedParameters(min_distance=8)), labels[crop])
+    assert watershed["vi"] == expected["vi"] and watershed["parameters"]["min_distance"] == 8
+    assert json.loads((tmp_path / "scores.json").read_text())["baselines"]["watershed"]["vi"] == watershed["vi"]
+    # The same box of a .npy image gives the same baselines.
+    np.save(tmp_path / "image.npy", image)
+    again = evaluate(str(root / "labels"), str(root / "labels"), box, image_spec=str(tmp_path / "image.npy"),
+                     watershed=WatershedParameters(min_distance=8))
+    assert again["baselines"]["watershed"]["vi"] == watershed["vi"]
+    with pytest.raises(InputError, match="min_distance"):
+        EvaluateStage(segmentation="a", groundtruth="b", store="c", image="d", watershed={"min_distance": 0})
+    with pytest.raises(InputError, match="unknown"):
+        EvaluateStage(segmentation="a", groundtruth="b", store="c", image="d", watershed={"radius": 3})
+
+
 def test_demo_runs_end_to_end_reuses_its_stages_and_scores_within_bounds(tmp_path):
     """`make demo` is `exaconnect run configs/demo.yaml`: ingest, misalign and align, the demo FFN
-    (a fixed number of steps: the same score on machines with the same CPU vector unit), segment, stitch,
-    mesh, skeletons, evaluate, link. A second run reuses every stage."""
+    kept in the repository (nothing trained), segment, stitch, mesh, skeletons, evaluate beside
+    two baselines, link. A second run reuses every stage."""
     command = [sys.executable, "-m", "exaconnect.cli", "demo", "--output", str(tmp_path / "data"),
                "--queue-root", str(tmp_path / "queues")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
@@ -98,16 +151,28 @@ def test_demo_runs_end_to_end_reuses_its_stages_and_scores_within_bounds(tmp_pat
     assert any(line.startswith("[run] alignment: neighbour correlation") for line in lines)
     summary = json.loads((tmp_path / "data" / "pipeline" / "summary.json").read_text())
     stages = summary["stages"]
-    for name in ("ingest.image", "misalign", "align.flow", "align.render", "align.report", "train.demo-model",
+    for name in ("ingest.image", "misalign", "align.flow", "align.render", "align.report",
                  "segment.initial", "segment.faces", "segment.equivalence", "segment.relabel", "mesh.merge",
                  "skeleton.merge", "evaluate"):
         assert stages[name]["status"] == "done", name
+    assert "train.demo-model" not in stages  # the committed model: the demo trains nothing
     # The blank section is found and bridged; alignment raises neighbour correlation.
     alignment = summary["alignment"]
     assert "40" in alignment["problem_sections"]
     assert alignment["mean_correlation_after"] > alignment["mean_correlation_before"] + 0.2
     scores = summary["scores"]
     assert scores["vi"] < DEMO_VI_BOUND and scores["adapted_rand_error"] < DEMO_ARE_BOUND, scores
+    # The baselines are scored on the same box: the empty segmentation's VI is all merge, the
+    # ground truth's entropy, recomputed here from the aligned ground truth itself.
+    baselines = scores["baselines"]
+    truth = read_box(open_layer(summary["layers"]["groundtruth"]), layer_bounds(open_layer(summary["layers"]["groundtruth"])))
+    _, sizes = np.unique(truth[truth > 0], return_counts=True)
+    p = sizes / sizes.sum()
+    assert baselines["empty"]["vi_split"] == 0 and abs(baselines["empty"]["vi"] - float(-(p * np.log2(p)).sum())) < 1e-9
+    assert DEMO_VI_BOUND < baselines["empty"]["vi"] and DEMO_ARE_BOUND < baselines["empty"]["adapted_rand_error"]
+    assert baselines["watershed"]["segments"] > 1 and "parameters" in baselines["watershed"]
+    for key in ("empty segmentation", "watershed of the image"):
+        assert any(line.startswith(f"[run] baseline, {key}: VI ") for line in lines), key
     # A network that learned nothing leaves the volume unsegmented (one segment, label 0).
     assert scores["segments"] >= scores["groundtruth_objects"], scores
     # Meshes and skeletons of the FFN segmentation load.

@@ -127,3 +127,19 @@ def test_partition_tasks_equal_the_whole_volume_computation(tmp_path):
     computed = build_example_source([VolumeSource("big", str(tmp_path / "seg"), str(tmp_path / "seg"))], (9, 9, 9),
                                     (3, 4, 4), (0.2, 0.5, 0.8), 0, 128.0, 33.0, tmp_path / "cache")
     assert examples.sampler.counts() == computed.sampler.counts()
+
+
+def test_train_sweep_run_trains_every_point_in_this_process(tmp_path, capsys):
+    """`train sweep run SWEEP` needs no queue: the sweep stage runs here through a temporary one."""
+    from exaconnect.cli import main
+
+    base = json.loads(json.dumps(BASE))
+    base["data"]["cache_dir"] = str(tmp_path / "partitions")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep_path = tmp_path / "sweep.yaml"
+    sweep_path.write_text(yaml.safe_dump({"base": "base.yaml", "out_dir": str(tmp_path / "runs"),
+                                          "grid": {"optimizer.learning_rate": [0.003]}}))
+    assert main(["train", "sweep", "run", str(sweep_path)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["train.sweep"]["status"] == "done" and report["train.sweep"]["tasks"] == 1
+    assert [r["status"] for r in summarize_sweep(load_sweep(sweep_path))] == ["done"]

@@ -109,3 +109,25 @@ def test_view_serves_until_interrupted(viewer_fib25_layers, tmp_path: Path) -> N
                 connection.close()
     assert child.returncode == 0
     assert time.monotonic() - started < 5, "an open browser connection delayed the exit"
+
+
+def test_link_takes_an_annotation_layer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`exaconnect link IMAGE IMAGE/tile_outlines`: the montage's tile outlines come out as an annotation layer."""
+    import neuroglancer
+    import numpy as np
+    from neuroglancer.write_annotations import AnnotationWriter
+
+    from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer
+
+    image = create_layer(str(tmp_path / "em"), LayerSpec("image", "uint8", (40, 40, 2), (4.0, 4.0, 40.0), (17, 29, 3),
+                                                          (32, 32, 2)), Provenance(stage="montage"))
+    image[:, :, :] = np.full((40, 40, 2, 1), 7, dtype=np.uint8)
+    space = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[4, 4, 40])
+    writer = AnnotationWriter(space, "axis_aligned_bounding_box")
+    writer.add_axis_aligned_bounding_box([17.5, 29, 3], [41.5, 53, 4], id=3000000)
+    writer.write(tmp_path / "em" / "tile_outlines")
+    args = parser().parse_args(["link", str(tmp_path / "em"), str(tmp_path / "em" / "tile_outlines"), "--long"])
+    assert args.func(args) == 0
+    state = json.loads(urllib.parse.unquote(capsys.readouterr().out.strip().split("#!", 1)[1]))
+    assert [(layer["name"], layer["type"]) for layer in state["layers"]] == [("em", "image"), ("tile_outlines", "annotation")]
+    assert state["layers"][1]["source"][0]["url"] == "precomputed://http://127.0.0.1:8765/data/tile_outlines"

@@ -193,3 +193,67 @@ def test_unwritable_remote_state_names_the_place_and_the_ways_out(monkeypatch: p
     monkeypatch.setattr(cloudfiles, "CloudFiles", Refusing)
     with pytest.raises(LayerError, match=r"gs://bucket/em/states/.*403 Forbidden.*--state-dir"):
         links.short_link([_remote_layer("gs://bucket/em/image")], statistics=False)
+
+
+# -- annotation collections (issue 22: the montage's tile outlines) -------------------------------
+
+def _write_boxes(path: Path, color: bool = True) -> Path:
+    """Two boxes off the origin, written with neuroglancer's own annotation writer."""
+    from neuroglancer.write_annotations import AnnotationWriter
+
+    space = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[4, 4, 40])
+    properties = [neuroglancer.AnnotationPropertySpec(id="color", type="rgb")] if color else []
+    writer = AnnotationWriter(space, "axis_aligned_bounding_box", properties=properties)
+    extra = {"color": "#ff0000"} if color else {}
+    writer.add_axis_aligned_bounding_box([130.5, 210.25, 7], [174.5, 254.25, 8], id=7000001, **extra)
+    writer.add_axis_aligned_bounding_box([160, 240, 9], [201, 281, 10], id=9000000, **extra)
+    writer.write(path)
+    return path
+
+
+def test_an_annotation_collection_is_a_layer_with_geometry_from_its_bounds(tmp_path: Path) -> None:
+    boxes = inspect_layer(str(_write_boxes(tmp_path / "boxes")))
+    assert boxes.kind == kinds.ANNOTATION and boxes.name == "boxes" and not boxes.has_mesh
+    assert boxes.resolution == pytest.approx((4.0, 4.0, 40.0))
+    assert boxes.voxel_offset == (130, 210, 7) and boxes.size == (71, 71, 3)
+    assert kinds.layer_kind({"@type": "neuroglancer_annotations_v1"}, "align") == kinds.ANNOTATION
+
+    # Shown alone, the collection places the view: the centre of its bounds, its own voxel size.
+    state = build_state([str(tmp_path / "boxes")], server="http://127.0.0.1:9999")
+    (layer,) = state["layers"]
+    assert layer["type"] == "annotation" and layer["source"][0]["url"] == "precomputed://http://127.0.0.1:9999/data/boxes"
+    assert "prop_color()" in layer["shader"]  # drawn in the colours it carries
+    assert state["position"] == [165.5, 245.5, 8.5] and state["dimensions"]["z"] == [4e-08, "m"]
+    assert state["layout"] == "xy"
+    plain = build_state([str(_write_boxes(tmp_path / "plain", color=False))])["layers"][0]
+    assert plain["type"] == "annotation" and "shader" not in plain  # neuroglancer's default colour
+
+
+def test_links_accept_an_annotation_layer_beside_an_image(tmp_path: Path) -> None:
+    from exaconnect.viewer.links import short_link
+
+    spec = LayerSpec("image", "uint8", (80, 80, 4), resolution=(4.0, 4.0, 40.0), voxel_offset=(128, 208, 7), chunk_size=(32, 32, 4))
+    image = create_layer(str(tmp_path / "em"), spec, Provenance(stage="montage"))
+    image[:, :, :] = np.full((80, 80, 4, 1), 50, dtype=np.uint8)
+    boxes = _write_boxes(tmp_path / "em" / "tile_outlines")
+    url = link([str(tmp_path / "em"), str(boxes)])
+    state = neuroglancer.parse_url(url).to_json()
+    assert [layer["type"] for layer in state["layers"]] == ["image", "annotation"]
+    assert state["layers"][1]["source"][0]["url"] == "precomputed://http://127.0.0.1:8765/data/tile_outlines"
+    short = short_link([str(tmp_path / "em"), str(boxes)], name="montage")
+    assert short.state_location == str(tmp_path / "states" / "montage.json")
+    assert json.loads(Path(short.state_location).read_text())["layers"][1]["type"] == "annotation"
+
+
+def test_malformed_annotation_info_names_the_layer(tmp_path: Path) -> None:
+    bad = tmp_path / "bad_boxes"
+    bad.mkdir()
+    (bad / "info").write_text(json.dumps({"@type": "neuroglancer_annotations_v1", "dimensions": {"x": [4e-9, "m"]}}))
+    with pytest.raises(LayerError, match=rf"{bad}.*missing lower_bound"):
+        inspect_layer(str(bad))
+    _write_boxes(bad)
+    info = json.loads((bad / "info").read_text())
+    info["dimensions"]["z"] = [40, "parsecs"]
+    (bad / "info").write_text(json.dumps(info))
+    with pytest.raises(LayerError, match=rf"{bad}.*dimensions.*length unit"):
+        link([str(bad)])

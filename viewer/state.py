@@ -66,8 +66,18 @@ def _dtype_range(layer: LayerInfo) -> tuple[float, float]:
     return 0.0, 1.0
 
 
+def _has_color_property(layer: LayerInfo) -> bool:
+    return any(p.get("id") == "color" and p.get("type") in ("rgb", "rgba") for p in layer.info.get("properties", []))
+
+
 def layer_state(layer: LayerInfo, source: str, statistics: bool = True) -> neuroglancer.Layer:
     """The neuroglancer layer for one of our layers, with display defaults from its data."""
+    if layer.kind == kinds.ANNOTATION:
+        # A collection that carries its own colours (the montage's tile outlines: placed or only
+        # at the stage position) is drawn in them; any other in neuroglancer's default colour.
+        if _has_color_property(layer):
+            return neuroglancer.AnnotationLayer(source=source, shader=ANNOTATION_SHADER)
+        return neuroglancer.AnnotationLayer(source=source)
     if layer.kind == kinds.SEGMENTATION:
         # Meshes and skeletons are subsources that neuroglancer finds through the info's
         # `mesh` / `skeletons` keys; selecting segments is what makes them appear in 3D.

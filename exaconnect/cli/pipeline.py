@@ -137,7 +137,9 @@ def _positive_seconds(text: str) -> float:
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     add_set_argument(p, "segment.subvolume=[64,64,64]")
-    p.add_argument("--queue-root", default=None, help="override queue_root (a shared folder for many nodes)")
+    p.add_argument("--queue", "--queue-root", dest="queue_root", default=None, metavar="ROOT",
+                   help="override queue_root: tasks go to ROOT/SERVICE, as with every stage verb's --queue "
+                        "(a shared folder for many nodes; --queue-root is the older spelling)")
     p.add_argument("--workers", type=int, default=None, help="override workers (0: remote workers drain the queues)")
     p.add_argument("--output", default=None, help="override output (where layers and records go)")
     p.add_argument("--status", action="store_true", help="print which stages are complete and exit")

@@ -33,7 +33,7 @@ def _inference_overrides(args: argparse.Namespace) -> dict:
 
 def _plan(args: argparse.Namespace):
     from exaconnect.precomputed.stitching import MatchOptions
-    from exaconnect.services.segment_run import SegmentPlan
+    from exaconnect.services.segment_stages import SegmentPlan
     from exaconnect.services.segment_staging import PassSpec
 
     overrides = _inference_overrides(args)
@@ -48,14 +48,14 @@ def _plan(args: argparse.Namespace):
 
 
 def _stages(args: argparse.Namespace) -> list:
-    from exaconnect.services.segment_run import segment_stages
+    from exaconnect.services.segment_stages import segment_stages
 
     return segment_stages(_plan(args))
 
 
 def _run(args: argparse.Namespace) -> int:
     plan = _plan(args)
-    from exaconnect.services.segment_run import segment_stages
+    from exaconnect.services.segment_stages import segment_stages
 
     run_service_stages(segment_stages(plan), args)
     return 0

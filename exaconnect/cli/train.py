@@ -51,6 +51,18 @@ def cmd_sweep_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_run(args: argparse.Namespace) -> int:
+    """Every grid point trained: in this process one after the other, or through --queue ROOT
+    (ROOT/train) with --workers local workers (0: remote workers drain it)."""
+    import os
+
+    from exaconnect.cli.common import run_service_stages
+    from exaconnect.services.train import TrainSweep
+
+    run_service_stages([TrainSweep(sweep=os.path.abspath(args.sweep))], args)
+    return 0
+
+
 def cmd_sweep_summary(args: argparse.Namespace) -> int:
     from exaconnect.ffn.training.sweep import load_sweep, summarize_sweep, write_summary
 
@@ -138,6 +150,10 @@ def register(subparsers) -> None:
     s.add_argument("sweep", help="sweep YAML (base config + grid, see ffn/training/sweep.py)")
     s.add_argument("--queue", default="queues", metavar="ROOT", help="queue root; tasks go to ROOT/train")
     s.set_defaults(func=cmd_sweep_enqueue)
+    s = sweep.add_parser("run", help="train every grid point: here, or through --queue ROOT with --workers")
+    s.add_argument("sweep", help="sweep YAML (base config + grid, see ffn/training/sweep.py)")
+    add_queue_arguments(s)
+    s.set_defaults(func=cmd_sweep_run)
     s = sweep.add_parser("summary", help="rank finished runs: summary.md, summary.json, sweep.png")
     s.add_argument("sweep")
     s.set_defaults(func=cmd_sweep_summary)

@@ -381,6 +381,68 @@ def _resumed_cpu_seconds(out_dir: Path) -> float:
     return last
 
 
+def _run_dirs(config: TrainConfig, strategy) -> tuple[Path, Path, bool, int]:
+    """(out_dir, write_dir, chief, worker index): non-chief workers of a multi-worker job must
+    take part in saving, but into scratch space; every worker resumes from the chief's
+    checkpoints (out_dir on a shared filesystem)."""
+    from .distribute import is_chief
+
+    out_dir = Path(config.training.out_dir)
+    chief = is_chief(strategy)
+    worker_index = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
+    write_dir = out_dir if chief else out_dir / f"worker-{worker_index}-scratch"
+    write_dir.mkdir(parents=True, exist_ok=True)
+    if chief:
+        (out_dir / "config.yaml").write_text(config_to_yaml(config))
+    return out_dir, write_dir, chief, worker_index
+
+
+def _example_sources(config: TrainConfig, out_dir: Path, example_source: ExampleSource | None,
+                     validation_source: ExampleSource | None) -> tuple[ExampleSource, ExampleSource | None]:
+    """The training and validation examples: the given ones, else built from the config's volumes
+    (partitions cached in data.cache_dir, default OUT_DIR/partitions)."""
+    d = config.data
+    cache_dir = d.cache_dir or str(out_dir / "partitions")
+    if example_source is None:
+        example_source = build_example_source(d.volumes, config.example_shape_zyx, config.lom_radius_zyx, d.thresholds,
+                                              d.min_size, d.image_mean, d.image_stddev, cache_dir)
+    if validation_source is None and d.validation_volumes and config.training.validation_examples > 0:
+        validation_source = build_example_source(d.validation_volumes, config.example_shape_zyx, config.lom_radius_zyx,
+                                                 d.thresholds, d.min_size, d.image_mean, d.image_stddev, cache_dir)
+    return example_source, validation_source
+
+
+def _model_and_state(config: TrainConfig, strategy, out_dir: Path, write_dir: Path):
+    """The network, its optimizer and checkpoint state: resumed from OUT_DIR's latest training
+    checkpoint, else initialised from `training.init_checkpoint` (fine-tuning), else at random.
+    Returns (model, optimizer, step variable, checkpoint, manager, step resumed from)."""
+    import tensorflow as tf
+
+    from ..model import ConvStack3D
+    from .distribute import Optimizer, ordered_variables
+
+    t = config.training
+    with strategy.scope():
+        model = ConvStack3D(config.model, seed=t.seed)
+        optimizer = Optimizer(config.optimizer, ordered_variables(model))
+    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    checkpoint = tf.train.Checkpoint(weights=model.weights, biases=model.biases, optimizer=optimizer, step=step_var)
+    manager = tf.train.CheckpointManager(checkpoint, str(write_dir / TRAIN_STATE_DIR), max_to_keep=t.keep_checkpoints or None)
+    resumed_from = 0
+    latest = tf.train.latest_checkpoint(str(out_dir / TRAIN_STATE_DIR))
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        resumed_from = int(step_var.numpy())
+        # The learning rate of the config wins over the stored one (a resumed sweep may change it).
+        optimizer.learning_rate.assign(config.optimizer.learning_rate)
+        logger.info("resumed from %s at step %d", latest, resumed_from)
+    elif t.init_checkpoint:
+        _init_weights(model, config)
+    else:
+        glorot_init(model, t.seed)
+    return model, optimizer, step_var, checkpoint, manager, resumed_from
+
+
 def train(config: TrainConfig, example_source: ExampleSource | None = None,
           validation_source: ExampleSource | None = None, strategy=None,
           on_evaluation_checkpoint=None) -> TrainResult:
@@ -402,53 +464,19 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     from tqdm import tqdm
 
     from ..checkpoint import save_network
-    from ..model import ConvStack3D
-    from .distribute import Optimizer, TrainStep, is_chief, make_strategy, ordered_variables
+    from .distribute import TrainStep, make_strategy
     from .monitor import MetricsLog, plot_metrics
 
     t = config.training
-    out_dir = Path(t.out_dir)
     set_tf_threads(t.intra_op_threads, t.inter_op_threads)
     if t.deterministic:
         tf.random.set_seed(t.seed)
         tf.config.experimental.enable_op_determinism()
     strategy = strategy or make_strategy(t)
-    chief = is_chief(strategy)
-    worker_index = getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0
-    # Non-chief workers of a multi-worker job must take part in saving, but into scratch space;
-    # every worker resumes from the chief's checkpoints (out_dir on a shared filesystem).
-    write_dir = out_dir if chief else out_dir / f"worker-{worker_index}-scratch"
-    write_dir.mkdir(parents=True, exist_ok=True)
-    if chief:
-        (out_dir / "config.yaml").write_text(config_to_yaml(config))
-    cache_dir = config.data.cache_dir or str(out_dir / "partitions")
-    if example_source is None:
-        example_source = build_example_source(
-            config.data.volumes, config.example_shape_zyx, config.lom_radius_zyx, config.data.thresholds,
-            config.data.min_size, config.data.image_mean, config.data.image_stddev, cache_dir)
-    if validation_source is None and config.data.validation_volumes and t.validation_examples > 0:
-        validation_source = build_example_source(
-            config.data.validation_volumes, config.example_shape_zyx, config.lom_radius_zyx, config.data.thresholds,
-            config.data.min_size, config.data.image_mean, config.data.image_stddev, cache_dir)
-
-    with strategy.scope():
-        model = ConvStack3D(config.model, seed=t.seed)
-        optimizer = Optimizer(config.optimizer, ordered_variables(model))
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    checkpoint = tf.train.Checkpoint(weights=model.weights, biases=model.biases, optimizer=optimizer, step=step_var)
-    manager = tf.train.CheckpointManager(checkpoint, str(write_dir / TRAIN_STATE_DIR), max_to_keep=t.keep_checkpoints or None)
-    resumed_from = 0
-    latest = tf.train.latest_checkpoint(str(out_dir / TRAIN_STATE_DIR))
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-        resumed_from = int(step_var.numpy())
-        # The learning rate of the config wins over the stored one (a resumed sweep may change it).
-        optimizer.learning_rate.assign(config.optimizer.learning_rate)
-        logger.info("resumed from %s at step %d", latest, resumed_from)
-    elif t.init_checkpoint:
-        _init_weights(model, config)
-    else:
-        glorot_init(model, t.seed)
+    out_dir, write_dir, chief, worker_index = _run_dirs(config, strategy)
+    example_source, validation_source = _example_sources(config, out_dir, example_source, validation_source)
+    model, optimizer, step_var, checkpoint, manager, resumed_from = _model_and_state(config, strategy, out_dir,
+                                                                                      write_dir)
 
     local_batch = t.batch_size * len(strategy.extended.worker_devices)
     step_fn = TrainStep(strategy, model, optimizer, t.batch_size)

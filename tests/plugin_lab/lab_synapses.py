@@ -42,11 +42,8 @@ class CountVoxels(Stage):
     layer: str
     out: str
     min_voxels: int = 1
-    upstream: tuple[Stage, ...] = ()
 
-    def requires(self) -> tuple[Stage, ...]:
-        return self.upstream
-
+    # `upstream=` (what must be complete first) and `name=` come with the Stage base class.
     def make_tasks(self) -> list:
         return [CountVoxelsTask(self.layer, self.out, self.min_voxels)]
 

@@ -18,7 +18,7 @@ from exaconnect.errors import InputError
 
 
 @dataclass(frozen=True)
-class PerturbConfig:
+class MisalignmentConfig:
     max_translation: float = 40.0  # px, per axis, uniform
     max_rotation_degrees: float = 1.5
     max_elastic: float = 5.0  # px, largest elastic displacement in a section
@@ -69,7 +69,7 @@ class Truth:
         return tuple(sorted(set(self.blank) | set(self.inverted) | set(self.folded)))
 
 
-def random_truth(num_sections: int, shape: tuple[int, int], config: PerturbConfig, seed: int) -> Truth:
+def random_truth(num_sections: int, shape: tuple[int, int], config: MisalignmentConfig, seed: int) -> Truth:
     rng = np.random.default_rng(seed)
     translations = rng.uniform(-config.max_translation, config.max_translation, (num_sections, 2))
     angles = np.radians(rng.uniform(-config.max_rotation_degrees, config.max_rotation_degrees, num_sections))
@@ -84,7 +84,7 @@ def random_truth(num_sections: int, shape: tuple[int, int], config: PerturbConfi
                  tuple(config.blank_sections), tuple(config.inverted_sections), tuple(config.fold_sections))
 
 
-def misalign_stack(image_zyx: np.ndarray, config: PerturbConfig = PerturbConfig(), seed: int = 0) -> tuple[np.ndarray, Truth]:
+def misalign_stack(image_zyx: np.ndarray, config: MisalignmentConfig = MisalignmentConfig(), seed: int = 0) -> tuple[np.ndarray, Truth]:
     """(misaligned uint8 stack, truth). Pixels that come from outside the original are 0."""
     if image_zyx.ndim != 3:
         raise InputError(f"misalign: array of shape {image_zyx.shape}; expected [z, y, x]")
@@ -125,6 +125,6 @@ def misalign_sample(image_zyx: np.ndarray, seed: int = 0) -> tuple[np.ndarray, T
     up to 1 degree of rotation and elastic distortion of up to 2 % of the section (at most 5 px),
     no bad sections (the demo goes on to segment the result)."""
     side = min(image_zyx.shape[1:])
-    config = PerturbConfig(max_translation=min(40.0, side / 10), max_rotation_degrees=1.0,
+    config = MisalignmentConfig(max_translation=min(40.0, side / 10), max_rotation_degrees=1.0,
                            max_elastic=min(5.0, side / 50), elastic_control_spacing=max(32, side // 2))
     return misalign_stack(image_zyx, config, seed)

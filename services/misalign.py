@@ -1,4 +1,4 @@
-"""Misalign: a stack misaligned on purpose, with the truth recorded (align/perturb.py), as a
+"""Misalign: a stack misaligned on purpose, with the truth recorded (align/misalign.py), as a
 queue task. The demo uses it to show alignment at work on its sample, and a lab can use it to
 test the aligner on a stack of its own. Labels, when given, are moved with the image
 (nearest-neighbour), so that segmentations of the aligned result can still be scored.
@@ -26,9 +26,9 @@ TRUTH_KEY = "misalign/truth.npz"
 
 
 def _config(options: dict):
-    from exaconnect.align.perturb import PerturbConfig
+    from exaconnect.align.misalign import MisalignmentConfig
 
-    return PerturbConfig(max_translation=float(options["max_translation"]),
+    return MisalignmentConfig(max_translation=float(options["max_translation"]),
                          max_rotation_degrees=float(options["max_rotation_degrees"]),
                          max_elastic=float(options["max_elastic"]),
                          elastic_control_spacing=int(options["elastic_control_spacing"]),
@@ -55,7 +55,7 @@ class MisalignTask(RegisteredTask):
         super().__init__(src, dest, options, seed, labels_src, labels_dest)
 
     def execute(self) -> None:
-        from exaconnect.align.perturb import misalign_stack
+        from exaconnect.align.misalign import misalign_stack
 
         src_vol = open_layer(self.src, layer_type="image")
         bounds = layer_bounds(src_vol)
@@ -113,10 +113,6 @@ class MisalignStage(Stage):
     seed: int = 0
     labels_src: str | None = None
     labels_dest: str | None = None
-    upstream: tuple[Stage, ...] = ()
-
-    def requires(self) -> tuple[Stage, ...]:
-        return self.upstream
 
     def make_tasks(self) -> list:
         return create_misalign_tasks(self.src, self.dest, dict(self.options), self.seed, self.labels_src,

@@ -76,7 +76,6 @@ class SegmentPass(Stage):
     spec: PassSpec
     first: bool = True
     previous: Stage | None = None
-    upstream: tuple[Stage, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:

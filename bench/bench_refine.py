@@ -17,6 +17,7 @@ so the threshold choice can be redone without the FFN; the JSON says which passe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import sys
@@ -33,8 +34,11 @@ GRID = {"min_iou": (0.3, 0.5, 0.7, 0.85), "min_cross": (0.2, 0.4, 0.6, 0.8), "mi
         "max_deleted": (0.02, 0.05, 0.1, 1.0)}
 
 
-def cached(cache: Path | None, name: str, compute):
-    """compute() -> (arrays dict, cost dict), or the stored result of an earlier run."""
+def cached(cache: Path | None, name: str, compute, key: dict | None = None):
+    """compute() -> (arrays dict, cost dict), or the stored result of an earlier run with the same
+    `key` (the parameters the result depends on)."""
+    if key:
+        name = f"{name}-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     if cache is not None and (cache / f"{name}.npz").exists():
         with np.load(cache / f"{name}.npz") as f:
             arrays = {k: f[k] for k in f.files}
@@ -66,6 +70,9 @@ def main() -> None:
     parser.add_argument("--bbox", default="64,64,64,160,160,160", help="crop of training_sample2, x0,y0,z0,x1,y1,z1")
     parser.add_argument("--cache", type=Path, default=None, help="keep and reuse each pass's result here")
     parser.add_argument("--min-contact", type=int, default=50, help="P3: contacts a pair needs to be resegmented")
+    parser.add_argument("--min-seed-distance", type=float, default=2.0, help="P2: least distance of a seed from "
+                        "claimed voxels and membranes (voxels)")
+    parser.add_argument("--min-segment-size", type=int, default=300, help="P2: unclaimed voxels a new object must take")
     parser.add_argument("--batch-size", type=int, default=4, help="network calls batch this many P3 runs")
     args = parser.parse_args()
     require_fib25()
@@ -89,9 +96,10 @@ def main() -> None:
         result = segment_subvolume(image, predictor)
         return {"labels": result.labels}, {"network_evaluations": int(result.counters["network-evaluations"])}
 
-    first, cost1 = cached(args.cache, "p1", p1)
+    p1_key = {"bbox": args.bbox, "checkpoint": str(CHECKPOINT)}
+    first, cost1 = cached(args.cache, "p1", p1, p1_key)
     labels1 = first["labels"].astype(np.uint64)
-    reseed = ReseedOptions()
+    reseed = ReseedOptions(min_seed_distance=args.min_seed_distance, min_segment_size=args.min_segment_size)
 
     def p2():
         result = grow_unclaimed(image, labels1, predictor, model, inference, reseed)
@@ -99,7 +107,8 @@ def main() -> None:
                                         "seeds": int(result.counters["p2-seeds"]),
                                         "objects_added": int(result.counters["p2-objects"])}
 
-    second, cost2 = cached(args.cache, "p2", p2)
+    p2_key = {"p1": p1_key, "reseed": reseed.__dict__}
+    second, cost2 = cached(args.cache, "p2", p2, p2_key)
     labels2 = merge_new_objects(labels1, second["new"], int(labels1.max()) + 1)
     cost2["voxels_changed"] = int((labels2 != labels1).sum())
     options = ResegmentOptions(min_contact=args.min_contact)
@@ -111,7 +120,7 @@ def main() -> None:
         return ({"pairs": contacts.pairs, "points": contacts.points, "evidence": evidence},
                 {"network_evaluations": int(np.nansum(evidence[:, COLUMN["evaluations"]])), "pairs": int(len(contacts))})
 
-    third, cost3 = cached(args.cache, "p3", p3)
+    third, cost3 = cached(args.cache, "p3", p3, {"p2": p2_key, "options": options.__dict__})
     pairs, points, evidence = third["pairs"], third["points"], third["evidence"]
 
     def agglomerated(thresholds, rows=None):

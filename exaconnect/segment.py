@@ -85,7 +85,7 @@ def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None =
         "objects": len(result.objects),
         "unsegmented_fraction": round(unsegmented, 6),
         "filled": fill,
-        "precision": predictor.config.inference.precision,
+        "precision": getattr(predictor, "precision", None),
         "counters": result.counters,
     }
     if counters_path:

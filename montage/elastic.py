@@ -198,7 +198,8 @@ def pair_flow(tile_a: np.ndarray, tile_b: np.ndarray, offset: tuple[float, float
     window_centres = np.round(expected).astype(int)
     t0 = centres - half
     w0 = window_centres - half - r
-    ta = (t0[:, 0, None, None] + np.arange(patch[0])[None, :, None], t0[:, 1, None, None] + np.arange(patch[1])[None, None, :])
+    ta = (t0[:, 0, None, None] + np.arange(patch[0])[None, :, None],
+          t0[:, 1, None, None] + np.arange(patch[1])[None, None, :])
     wb = (w0[:, 0, None, None] + np.arange(patch[0] + 2 * r)[None, :, None],
           w0[:, 1, None, None] + np.arange(patch[1] + 2 * r)[None, None, :])
     templates, windows = tile_a[ta].astype(np.float64), tile_b[wb].astype(np.float64)

@@ -202,7 +202,7 @@ def heartbeat_progress(path: str) -> float | None:
 def task_loop_beat(options: "WorkerOptions", task: str | None = None, started: float | None = None) -> None:
     """The task loop moved (a lease, a finished task, an empty poll): progress is now."""
     if options.heartbeat:
-        write_heartbeat(options.heartbeat, task, started, task_timeout=options.task_timeout_seconds)
+        write_heartbeat(options.heartbeat, task, started, started, options.task_timeout_seconds)
 
 
 def _slots_beat(options: "WorkerOptions", slots, pid: int, keeper: bool) -> None:

@@ -200,3 +200,25 @@ def test_elastic_through_the_solve_and_render_tasks(tmp_path, section):
     in_memory, _, _ = stitch_in_memory([read_tile(t.path) for t in tiles], np.array([[t.x, t.y] for t in tiles]), box=box)
     assert np.array_equal(stored, in_memory)
     assert patch_errors(stored, section)["p95_px"] < 0.4
+
+
+def test_pairs_without_flow_hold_their_tiles_rigidly_and_old_match_results_solve_rigid(section):
+    """An overlap too narrow for flow patches keeps the pair's rigid offset as its only spring,
+    so the section comes out as the rigid one; a match result from before elastic refinement
+    (no flows) is solved rigid, not refused."""
+    from exaconnect.montage.section import measure_section, solve_section
+
+    cut = cut_tiles(section, TileCut(stage_error_px=15, noise=3, seed=15), ORIGIN)
+    shapes = [t.shape for t in cut.tiles]
+    # 25 px overlaps leave 7 px for a patch searched +-8 px: less than the 8 px smallest patch.
+    config = MontageConfig(elastic=ElasticConfig(search_px=8))
+    measured = measure_section(cut.stage_xy, shapes, lambda i: cut.tiles[i], config)
+    solved = solve_section(cut.stage_xy, measured, config)
+    summary = solved["summary"]
+    assert summary["pairs_used"] == 12
+    assert summary["elastic"]["pairs_without_flow"] == 12
+    assert max(tile_margins(solved)) < 0.2
+    old = {k: v for k, v in measured.items() if k not in ("flows", "shapes")}
+    rigid = solve_section(cut.stage_xy, old, config)
+    assert "elastic" not in rigid["summary"] and all("mesh" not in t for t in rigid["tiles"])
+    assert [t["x"] for t in rigid["tiles"]] == [t["x"] for t in solved["tiles"]]

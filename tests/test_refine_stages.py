@@ -157,10 +157,10 @@ def test_p2_and_p3_with_a_real_network_keep_their_invariants_and_resume(tmp_path
     p1[(np.arange(p1.shape[0]) % 11 < 3)[:, None, None] & np.ones_like(p1, bool)] = 0  # slabs left unclaimed
     image_layer = _layer(tmp_path / "image", image, "image")
     p1_layer = _layer(tmp_path / "p1", p1, "segmentation")
-    p2 = ReseedPlan(image_layer, p1_layer, str(tmp_path / "p2"), model, {}, ReseedOptions(min_segment_size=20),
+    p2 = ReseedPlan(image_layer, p1_layer, str(tmp_path / "p2"), model, {}, ReseedOptions(min_segment_size=20, max_seeds=3),
                     RefineGrid((24, 24, 24), (8, 8, 8)))
     p3 = AgglomeratePlan(image_layer, str(tmp_path / "p2"), str(tmp_path / "p3"), model, {},
-                         ResegmentOptions(radius=(8, 8, 8), analysis_radius=(6, 6, 6), min_contact=20),
+                         ResegmentOptions(radius=(6, 6, 6), analysis_radius=(4, 4, 4), min_contact=40),
                          MergeThresholds(min_iou=0.3, min_cross=0.3, min_self=0.3, max_deleted=0.5),
                          RefineGrid((24, 24, 24), (0, 0, 0)), pairs_per_task=8)
     p2_stages = reseed_stages(p2)
@@ -175,6 +175,8 @@ def test_p2_and_p3_with_a_real_network_keep_their_invariants_and_resume(tmp_path
     pairs = np.unique(np.stack([after_p2.ravel(), final.ravel()], axis=1), axis=0)
     assert len(np.unique(pairs[:, 0])) == len(pairs)
     report = read_report(str(tmp_path / "p3"))
+    print(read_report(str(tmp_path / "p2")), report)
+    assert report["pairs_resegmented"] > 0
     assert report["objects_merged"] == len(np.unique(after_p2)) - len(np.unique(final))
     assert json.loads((tmp_path / "p3" / "refine.json").read_text()) == report
 

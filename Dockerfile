@@ -51,6 +51,9 @@ RUN sh deploy/install.sh project /opt/exaconnect \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/exa exa
 USER 10001:10001
 WORKDIR /home/exa
+# caches and ~/.cloudvolume go under /tmp: with a read-only root (`docker run --read-only --tmpfs /tmp`,
+# the Helm chart's readOnlyRootFilesystem) /tmp is the one writable place; the chart sets the same
+ENV HOME=/tmp/home
 HEALTHCHECK --interval=60s --timeout=10s --start-period=120s CMD ["exaconnect-healthcheck", "--if-present"]
 ENTRYPOINT ["exaconnect"]
 CMD ["--help"]

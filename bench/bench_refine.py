@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_ffn_precision import CHECKPOINT, RESOLUTION, load_crop  # noqa: E402
 from common import emit, require_fib25  # noqa: E402
 
-GRID = {"min_iou": (0.3, 0.5, 0.7, 0.85), "min_cross": (0.2, 0.4, 0.6, 0.8), "min_self": (0.3, 0.6),
-        "max_deleted": (0.02, 0.05, 0.1, 1.0)}
+GRID = {"min_iou": (0.0, 0.1, 0.3, 0.5, 0.7), "min_cross": (0.0, 0.1, 0.2, 0.4, 0.6), "min_self": (0.3, 0.6),
+        "max_deleted": (0.02, 0.1, 1.0), "min_cross_one": (0.0, 0.4, 0.5, 0.6, 0.7, 0.8)}
 
 
 def cached(cache: Path | None, name: str, compute, key: dict | None = None):

@@ -148,18 +148,11 @@ def _tile_manifest(config: PipelineConfig, output: str, image_src: str) -> str |
 
 
 def _plan_montage(config: PipelineConfig, context, tiles: str) -> None:
-    """Each section's tiles stitched into the image layer: match, solve, render, report."""
-    from exaconnect.montage.manifest import ManifestRules
-    from exaconnect.montage.section import MontageConfig
-    from exaconnect.services.montage import montage_stages
+    """Each section's tiles stitched into the image layer: match, solve, render, report, outlines."""
+    from exaconnect.services.montage import ManifestRules, montage_config, montage_stages
 
-    options = MontageConfig().as_dict()
-    for key, value in dict(config.montage.set).items():
-        section, dot, option = key.partition(".")
-        if not dot or not isinstance(options.get(section), dict):
-            raise InputError(f"montage.set {key}: expected SECTION.OPTION with a section of {sorted(options)}")
-        options[section][option] = value
-    stages = montage_stages(tiles, context.layer("image"), config.source.resolution, MontageConfig.from_dict(options),
+    stages = montage_stages(tiles, context.layer("image"), config.source.resolution,
+                            montage_config(dict(config.montage.set)),
                             ManifestRules(skip_missing_tiles=config.montage.skip_missing_tiles),
                             chunk_size=config.ingest.chunk_size, encoding=config.ingest.encoding)
     context.add(*stages)

@@ -126,7 +126,7 @@ class SegmentConfig:
     passes: tuple[PassConfig, ...] = (PassConfig(),)
     min_overlap_voxels: int = 100
     min_fraction: float = 0.5
-    demo_model_steps: int | None = None  # None: the demo's own fixed number (ffn/training/demo.py DEMO_STEPS)
+    demo_model_steps: int | None = None  # None: the demo FFN kept in the repository (ffn/demo_model); N: train one in the run, N steps
 
     def __post_init__(self) -> None:
         _check_sizes("segment.subvolume", self.subvolume,

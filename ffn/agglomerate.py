@@ -19,7 +19,7 @@ equivalence. services/refine.py runs them as queue stages over a whole volume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -108,9 +108,13 @@ class MergeThresholds:
     min_cross: float = 0.5       # each run covers at least this fraction of the other object
     min_self: float = 0.5        # each run covers at least this fraction of its own object
     max_deleted: float = 0.05    # voxels deleted during a run, per voxel of its mask
+    # At least one run covers this fraction of the other object. The FFN's coverage is often
+    # one-sided: a run from a large object floods a small piece of itself, while the small
+    # piece's run stops short; with a lower `min_cross` this admits such pairs.
+    min_cross_one: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("min_iou", "min_cross", "min_self", "max_deleted"):
+        for name in ("min_iou", "min_cross", "min_self", "max_deleted", "min_cross_one"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise InputError(f"p3.{name}={getattr(self, name)!r}: expected a fraction in [0, 1]")
@@ -337,6 +341,7 @@ def accept(evidence: np.ndarray, thresholds: MergeThresholds = MergeThresholds()
     with np.errstate(invalid="ignore"):
         ok = (e[:, c["iou"]] >= thresholds.min_iou)
         ok &= np.minimum(e[:, c["a_cross"]], e[:, c["b_cross"]]) >= thresholds.min_cross
+        ok &= np.maximum(e[:, c["a_cross"]], e[:, c["b_cross"]]) >= thresholds.min_cross_one
         ok &= np.minimum(e[:, c["a_self"]], e[:, c["b_self"]]) >= thresholds.min_self
         ok &= np.maximum(e[:, c["a_deleted"]], e[:, c["b_deleted"]]) <= thresholds.max_deleted
     return ok & ~np.isnan(e).any(axis=1)

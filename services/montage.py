@@ -365,24 +365,31 @@ def _add_arguments(v) -> None:
     v.add_argument("--allow-missing-sections", action="store_true", help="gaps in z")
     v.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a montage option (YAML value), e.g. --set match.search_px=80 (sections: match, "
-                        "solve, intensity)")
+                        "solve, intensity, elastic)")
 
 
 def _config_from_sets(items: list[str]) -> MontageConfig:
     import yaml
 
-    data: dict[str, dict] = {}
+    options: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        section, dot, option = key.strip().partition(".")
-        if not sep or not dot:
+        if not sep or "." not in key:
             raise InputError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. match.search_px=80")
-        data.setdefault(section, {})[option] = yaml.safe_load(value)
+        options[key.strip()] = yaml.safe_load(value)
+    return montage_config(options, "--set")
+
+
+def montage_config(options: dict, where: str = "montage.set") -> MontageConfig:
+    """The default MontageConfig with `section.option: value` overrides (sections: match, solve,
+    intensity, elastic), checked by the strict loader."""
     merged = MontageConfig().as_dict()
-    for section, values in data.items():
-        if not isinstance(merged.get(section), dict):
-            raise InputError(f"--set {section}.…: unknown montage section; expected match, solve or intensity")
-        merged[section].update(values)
+    for key, value in options.items():
+        section, dot, option = str(key).partition(".")
+        if not dot or not isinstance(merged.get(section), dict):
+            raise InputError(f"{where} {key}: expected SECTION.OPTION with a section of "
+                             f"{sorted(k for k, v in merged.items() if isinstance(v, dict))}")
+        merged[section][option] = value
     return MontageConfig.from_dict(merged)
 
 

@@ -671,6 +671,7 @@ class P3Section:
     min_cross: float = 0.5
     min_self: float = 0.5
     max_deleted: float = 0.05
+    min_cross_one: float = 0.0
     pairs_per_task: int = 32
 
 
@@ -728,7 +729,7 @@ def plan_refine(config: RefineSection, context: Any) -> None:
         plan3 = AgglomeratePlan(context.layers["image"], current, context.layer("segmentation_p3"), model, inference,
                                 ResegmentOptions(p.radius, p.analysis_radius, p.max_contact_distance, p.min_contact,
                                                  p.min_object_voxels),
-                                MergeThresholds(p.min_iou, p.min_cross, p.min_self, p.max_deleted),
+                                MergeThresholds(p.min_iou, p.min_cross, p.min_self, p.max_deleted, p.min_cross_one),
                                 RefineGrid(config.subvolume, (0, 0, 0)), p.pairs_per_task)
         stages = agglomerate_stages(plan3, upstream + context.requires("image"))
         context.add(*stages)

@@ -163,23 +163,25 @@ class TaskBoxes:
 
 
 def write_heartbeat(path: str, task: str | None = None, task_started: float | None = None,
-                    progress: float | None = None, task_timeout: float | None = None, pid: int | None = None) -> None:
+                    progress: float | None = None, task_timeout: float | None = None, pid: int | None = None,
+                    keep: bool = False) -> None:
     """The liveness file (`--heartbeat`), one JSON object: `time` it was written, the worker's
     `pid`, the `task` it runs and `task_started`, `progress` (when its task loop last moved: leased,
     finished or polled) and its `task_timeout`. The task loop writes it at every step, the lease
     keeper (or the supervisor) every 10 s; deploy/healthcheck.sh fails a worker whose file is old,
-    whose task ran past task_timeout or whose progress is older than the probe's limit."""
-    now = time.time()
-    record = {"time": round(now, 3), "pid": pid or os.getpid(), "task": task or None,
-              "task_started": round(task_started, 3) if task_started else None,
-              "progress": round(progress if progress is not None else now, 3), "task_timeout": task_timeout}
-    tmp = f"{path}.{os.getpid()}.tmp"
+    whose task ran past task_timeout or whose progress is older than the probe's limit.
+
+    `keep` (the keeper's beat): only `time` is new; task, task_started and progress stay as the
+    worker's task loop last wrote them (the arguments are used when the file has none of this
+    worker's). Writers take PATH.lock, so a keeper's beat cannot bring back a task that ended."""
+    import fcntl
+
+    pid = pid or os.getpid()
+    lock = None
     for _ in range(2):
         try:
-            with open(tmp, "w") as f:
-                f.write(json.dumps(record) + "\n")
-            os.replace(tmp, path)
-            return
+            lock = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            break
         except FileNotFoundError:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -187,16 +189,38 @@ def write_heartbeat(path: str, task: str | None = None, task_started: float | No
                 return
         except OSError:
             return  # a full or vanished volume must not kill the worker; the probe will notice
+    try:
+        for _ in range(20):  # a writer holds it for one small write; never wait long for it
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                time.sleep(0.05)
+        if keep:
+            old = _read_heartbeat(path)
+            if old is not None and old.get("pid") == pid:
+                task, task_started, progress = old.get("task"), old.get("task_started"), old.get("progress")
+        now = time.time()
+        record = {"time": round(now, 3), "pid": pid, "task": task or None,
+                  "task_started": round(task_started, 3) if task_started else None,
+                  "progress": round(progress if progress is not None else now, 3), "task_timeout": task_timeout}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        return
+    finally:
+        os.close(lock)  # and with it the lock
 
 
-def heartbeat_progress(path: str) -> float | None:
-    """The `progress` the task loop last wrote to the heartbeat file (None: none readable)."""
+def _read_heartbeat(path: str) -> dict | None:
     try:
         with open(path) as f:
-            value = json.loads(f.read()).get("progress")
-    except (OSError, ValueError, AttributeError):
+            record = json.loads(f.read())
+    except (OSError, ValueError):
         return None
-    return float(value) if isinstance(value, (int, float)) else None
+    return record if isinstance(record, dict) else None
 
 
 def task_loop_beat(options: "WorkerOptions", task: str | None = None, started: float | None = None) -> None:
@@ -207,13 +231,12 @@ def task_loop_beat(options: "WorkerOptions", task: str | None = None, started: f
 
 def _slots_beat(options: "WorkerOptions", slots, pid: int, keeper: bool) -> None:
     """A beat from outside the task loop: the longest-running task of `slots`. A lease keeper keeps
-    the progress its worker's task loop wrote; a supervisor, whose workers do not write the file,
+    what its worker's task loop wrote (`keep`); a supervisor, whose workers do not write the file,
     counts the oldest running task's start as the last progress (now when none runs)."""
     running = [(slot.started, slot.task_id) for slot in slots
                if slot.state in (LeaseSlot.RUNNING, LeaseSlot.TIMED_OUT) and slot.task_id]
     started, task = min(running) if running else (None, None)
-    progress = heartbeat_progress(options.heartbeat) if keeper else started
-    write_heartbeat(options.heartbeat, task, started, progress, options.task_timeout_seconds, pid)
+    write_heartbeat(options.heartbeat, task, started, started, options.task_timeout_seconds, pid, keep=keeper)
 
 
 # ---------------------------------------------------------------- the lease slot and its keeper
@@ -560,7 +583,9 @@ class Worker:
                        f"cannot rebuild the task: {type(exc).__name__}: {exc} (is its module imported with --task-module, "
                        f"and is this worker the same version as the enqueuer?)", lease.attempts)
             return
-        name = type(task).__name__ if not hasattr(task, "key") else ".".join(task.key)
+        key = getattr(task, "key", None)
+        # igneous tasks carry a tuple key; ours a string (joining a string would split it per character)
+        name = type(task).__name__ if key is None else (key if isinstance(key, str) else ".".join(map(str, key)))
         try:
             box = task_box(task)
         except Exception:

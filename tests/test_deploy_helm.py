@@ -340,8 +340,8 @@ def _shared_volume(docs: list[dict], folder: Path) -> dict[str, Path]:
 
 def _small_pipeline() -> str:
     """A pipeline through most services, small enough for a test: ingest, pyramid, the demo FFN
-    (a few steps), segmentation, meshes, skeletons, evaluation; off the chunk grid (40x36x28)."""
-    return ("name: kbox\nsource: {image: synthetic, synthetic_shape: [40, 36, 28], synthetic_seed: 3}\n"
+    (a few steps), segmentation, meshes, skeletons, evaluation; off the chunk grid (40x36x34)."""
+    return ("name: kbox\nsource: {image: synthetic, synthetic_shape: [40, 36, 34], synthetic_seed: 3}\n"
             "ingest: {chunk_size: [16, 16, 16]}\n"
             "segment: {subvolume: [32, 32, 32], overlap: [8, 8, 8], demo_model_steps: 20,"
             " inference: {min_segment_size: 100}}\n"
@@ -360,7 +360,7 @@ def test_rendered_pods_run_the_pipeline_job_with_every_service_draining(pod_root
     written into a read-only working directory, and every worker passes its liveness probe."""
     values = {"pipelineJob": {"enabled": True, "config": _small_pipeline(), "stallSeconds": 300},
               "queue": {"leaseSeconds": 12},
-              "worker": {"livenessProbe": {"initialDelaySeconds": 5, "periodSeconds": 5}},
+              "worker": {"livenessProbe": {"initialDelaySeconds": 60, "periodSeconds": 10}},
               "serviceDefaults": {"replicas": 1},
               "services": {name: {"replicas": 1} for name in yaml.safe_load((CHART / "values.yaml").read_text())["services"]}}
     docs = _render(values)
@@ -398,7 +398,7 @@ def test_rendered_pods_run_the_pipeline_job_with_every_service_draining(pod_root
     for pod in [runner] + [k.pod for k in kubelets]:
         assert not any(pod.workdir.iterdir()), f"{pod.workdir}: written into the read-only working directory"
     drained = {k.name: _done_tasks(k.log) for k in kubelets}
-    for service in ("ingest", "downsample", "train", "segment", "mesh", "skeletonize", "evaluate"):
+    for service in ("ingest", "downsample", "train", "segment", "mesh", "skeleton", "evaluate"):
         assert drained[service] > 0, (service, drained)
     assert all(k.restarts() == 0 for k in kubelets), {k.name: k.events for k in kubelets}
     summary = json.loads((pod_root / "pvc" / "pipeline" / "pipeline" / "summary.json").read_text())

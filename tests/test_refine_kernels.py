@@ -22,7 +22,7 @@ from exaconnect.ffn.agglomerate import (
     merge_contacts,
     pair_evidence,
 )
-from exaconnect.ffn.config import FFNConfig, InferenceOptions, ModelConfig
+from exaconnect.ffn.config import InferenceOptions, ModelConfig
 from exaconnect.ffn.reseed import ReseedOptions, grow_unclaimed, merge_new_objects, unclaimed_seed_points
 
 MODEL = ModelConfig(depth=1, fov_size=(9, 9, 9), deltas=(4, 4, 4), features=1)
@@ -142,6 +142,11 @@ def test_evidence_and_thresholds():
     nan = np.full_like(one, np.nan)
     assert accept(np.stack([one, two, leaky, nan])).tolist() == [True, False, False, False]
     assert accept(leaky[None], MergeThresholds(max_deleted=0.5)).tolist() == [True]
+    one_sided = pair_evidence(whole, b, a, b, 0, 0, 6)  # A's run covers B, B's run stays in B
+    assert one_sided[COLUMN["a_cross"]] == 1.0 and one_sided[COLUMN["b_cross"]] == 0.0
+    assert accept(one_sided[None], MergeThresholds(min_iou=0.5, min_cross=0.0)).tolist() == [True]
+    assert accept(one_sided[None], MergeThresholds(min_iou=0.5, min_cross=0.0, min_cross_one=1.0)).tolist() == [True]
+    assert accept(one_sided[None], MergeThresholds(min_iou=0.5)).tolist() == [False]
     with pytest.raises(InputError, match="min_iou"):
         MergeThresholds(min_iou=1.5)
     with pytest.raises(InputError, match="analysis_radius"):

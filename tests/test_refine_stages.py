@@ -175,7 +175,6 @@ def test_p2_and_p3_with_a_real_network_keep_their_invariants_and_resume(tmp_path
     pairs = np.unique(np.stack([after_p2.ravel(), final.ravel()], axis=1), axis=0)
     assert len(np.unique(pairs[:, 0])) == len(pairs)
     report = read_report(str(tmp_path / "p3"))
-    print(read_report(str(tmp_path / "p2")), report)
     assert report["pairs_resegmented"] > 0
     assert report["objects_merged"] == len(np.unique(after_p2)) - len(np.unique(final))
     assert json.loads((tmp_path / "p3" / "refine.json").read_text()) == report
@@ -191,3 +190,51 @@ def test_p2_and_p3_with_a_real_network_keep_their_invariants_and_resume(tmp_path
     assert evidence[0].with_name(evidence[0].name + ".done").exists() and evidence[-1].stat().st_mtime_ns == kept
     again = _run(stages, tmp_path, "tiny")
     assert {r.status for r in again.results.values()} == {"skipped"}
+
+
+def test_the_refine_section_plans_p2_and_p3_between_segment_and_meshes(tmp_path):
+    from pathlib import Path
+
+    from exaconnect.errors import InputError
+    from exaconnect.pipeline import build_plan
+    from exaconnect.pipeline_config import load_pipeline
+    from exaconnect.services.stages import stage_graph
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    model = str(tmp_path / "some_ffn")
+    base = {"pipeline": {"output": str(tmp_path / "out")}, "source": {"synthetic_shape": [32, 32, 32]},
+            "segment": {"model": model}}
+    off = build_plan(load_pipeline(demo, base))
+    assert not [s for s in off.stages if s.name.startswith("refine.")]  # disabled unless asked for
+
+    config = load_pipeline(demo, {**base, "refine": {"enabled": True, "p3": {"min_iou": 0.7}}})
+    plan = build_plan(config)
+    names = [s.name for s in stage_graph(plan.stages)]
+    for earlier, later in [("segment.relabel", "refine.p2-grow"), ("refine.p2-relabel", "refine.p3-pairs"),
+                           ("refine.p3-relabel", "pyramid.refined"), ("pyramid.refined", "mesh.forge"),
+                           ("pyramid.refined", "evaluate")]:
+        assert names.index(earlier) < names.index(later)
+    assert plan.layers["segmentation"].endswith("/segmentation_p3")
+    p3 = next(s for s in plan.stages if s.name == "refine.p3-pairs")
+    assert p3.plan.thresholds.min_iou == 0.7 and p3.plan.input_layer.endswith("/segmentation_p2")
+    assert p3.plan.model == model  # the segment section's model, by default
+    only_p3 = build_plan(load_pipeline(demo, {**base, "refine": {"enabled": True, "p2": {"enabled": False}}}))
+    assert next(s for s in only_p3.stages if s.name == "refine.p3-pairs").plan.input_layer.endswith("/segmentation")
+    with pytest.raises(InputError, match="refine.p3.min_iuo"):
+        load_pipeline(demo, {**base, "refine": {"p3": {"min_iuo": 0.7}}})
+
+
+def test_bad_refine_plans_are_refused_before_anything_is_written(tmp_path):
+    from exaconnect.errors import InputError
+
+    image, truth = _volume()
+    image_layer = _layer(tmp_path / "image", image, "image")
+    p1_layer = _layer(tmp_path / "p1", truth, "segmentation")
+    with pytest.raises(InputError, match="is the input layer"):
+        ReseedPlan(image_layer, p1_layer, p1_layer, "m")
+    odd = ReseedPlan(image_layer, p1_layer, str(tmp_path / "p2"), "m", grid=RefineGrid((20, 24, 24), (8, 8, 8)))
+    with pytest.raises(InputError, match=r"subvolume \(20, 24, 24\): not a multiple of the chunk size"):
+        reseed_stages(odd)[0].make_tasks()
+    assert not (tmp_path / "p2").exists()
+    with pytest.raises(InputError, match="pairs_per_task"):
+        AgglomeratePlan(image_layer, p1_layer, str(tmp_path / "p3"), "m", pairs_per_task=0)

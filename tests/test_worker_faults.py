@@ -178,7 +178,7 @@ def test_create_queue_and_heartbeat(tmp_path):
     beat = tmp_path / "beat"
     done = work(fresh, "--exit-when-empty", "--create-queue", "--heartbeat", str(beat), "--processes", "2")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert beat.exists() and abs(float(beat.read_text()) - time.time()) < 60
+    assert beat.exists() and abs(json.loads(beat.read_text())["time"] - time.time()) < 60
     assert queue_status(str(fresh)).enqueued == 0
 
 

@@ -175,8 +175,9 @@ def stage_windows(queues: Path) -> list[tuple[float, float, str]]:
 
 
 def stage_of(when: float, windows: list[tuple[float, float, str]]) -> str:
-    inside = [name for start, end, name in windows if start - 0.5 <= when <= end + 0.5]
-    return inside[-1] if inside else "?"
+    # a task is done before the runner records its stage finished, and after the stage began
+    inside = [(end, name) for start, end, name in windows if start - 1.0 <= when <= end + 0.05]
+    return min(inside)[1] if inside else "?"
 
 
 def rank_table(work: Path, jobs: list[Job], windows) -> list[dict]:
@@ -243,21 +244,39 @@ def compare_outputs(reference: Path, cluster: Path) -> list[dict]:
             same = a.shape == b.shape and bool(np.array_equal(a, b))
             rows.append({"layer": name, "mip": mip, "shape": list(a.shape[:3]), "identical": same,
                          "differ": 0 if same else (int(np.count_nonzero(a != b)) if a.shape == b.shape else "shape")})
+        for key in ("mesh", "skeletons"):  # meshes and skeletons: the same files, byte for byte
+            if isinstance(info.get(key), str):
+                rows.append(compare_files(reference / name / info[key], cluster / name / info[key], f"{name}/{info[key]}"))
     return rows
 
 
+def compare_files(a: Path, b: Path, label: str) -> dict:
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    other = sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file()) if b.is_dir() else []
+    differ = [n for n in names if n not in other or (a / n).read_bytes() != (b / n).read_bytes()]
+    differ += [n for n in other if n not in names]
+    return {"layer": label, "mip": "-", "shape": [len(names)], "identical": not differ, "differ": len(differ)}
+
+
 def print_comparison(rows: list[dict]) -> None:
-    print(f"{'layer':<26} {'mip':>3} {'shape':>14}  identical")
+    print(f"{'layer':<26} {'mip':>3} {'voxels/files':>14}  identical")
     for r in rows:
+        what = "files" if r["mip"] == "-" else "voxels"
         print(f"{r['layer']:<26} {r['mip']:>3} {'x'.join(map(str, r['shape'])):>14}  "
-              f"{'yes' if r['identical'] else 'NO (' + str(r['differ']) + ' voxels differ)'}")
+              f"{'yes' if r['identical'] else 'NO (' + str(r['differ']) + f' {what} differ)'}")
 
 
 def scores(output: Path) -> dict | None:
     """The evaluation's figures (not the layer URLs in it, which name the output folder)."""
     path = output / "pipeline" / "summary.json"
     found = json.loads(path.read_text()).get("scores") if path.is_file() else None
-    return {k: v for k, v in found.items() if not isinstance(v, str)} if found else found
+
+    def figures(value):
+        if isinstance(value, dict):
+            return {k: figures(v) for k, v in value.items() if not isinstance(v, str)}
+        return value
+
+    return figures(found)
 
 
 def queue_counts(queues: Path, ledger: Path | None) -> dict[str, dict]:
@@ -287,13 +306,16 @@ def walltime_case(args, work: Path, first: Job, windows, env_for) -> dict:
         done = next((d for d in events if d["kind"] == "done" and d["task"] == e["task"]), None)
         if done:
             durations.append(done["time"] - e["time"])
-    # When the segmentation will run in a job that starts with it: the runner's start-up, then the
-    # first segment lease after the stage was enqueued, then about half the stage.
+    # When the segmentation will run in a job that starts with it: the runner's start-up, then as
+    # in the first job. Aim at the second round of tasks (each rank's first one also loads
+    # TensorFlow and the model), so that some tasks are done and others run when SIGTERM comes.
     startup = first_stage - first.started
-    to_first_lease = (min(e["time"] for e in seg_tasks) - seg_start) if seg_tasks else 5.0
+    starts = sorted(e["time"] for e in seg_tasks)
+    ranks = len({(e["host"], e["local"]) for e in events})
+    second_round = starts[ranks] if len(starts) > ranks else (starts[0] if starts else seg_start + 5.0)
     task = sorted(durations)[len(durations) // 2] if durations else 5.0
-    stop_at = int(round(startup + to_first_lease + max(2.0, 0.35 * (seg_end - seg_start - to_first_lease))))
-    release_grace = 10
+    stop_at = int(round(startup + second_round - seg_start + max(1.0, 0.4 * (seg_end - second_round))))
+    release_grace = 20
     stop_grace = release_grace + max(6, int(round(task * 0.6)))
     attempts = []
     for attempt in range(3):
@@ -313,14 +335,19 @@ def walltime_case(args, work: Path, first: Job, windows, env_for) -> dict:
         attempts.append({"job": job.jobid, "rc": job.returncode, "stop_at": stop_at, "in_flight": len(running)})
         if job.returncode == 124 and running:
             break
-        if job.returncode == 0:
-            raise SystemExit(f"the walltime case: job {job.jobid} finished before its walltime; "
-                             f"retry with a shorter one")
-        # SIGTERM came between tasks or before the segmentation started: try again a little later
-        stop_at += max(3, int(task))
+        # SIGTERM came before the segmentation or after it: this job measured how a job that starts
+        # with the segmentation runs here now; aim again with that
+        seg = [e for e in events if e["kind"] == "started" and e["name"] == "SegmentTask"]
+        ends = [e["time"] for e in events if e["kind"] == "done" and e["name"] == "SegmentTask"]
+        if len(seg) > ranks:
+            starts = sorted(e["time"] for e in seg)
+            last = max(ends) if ends else starts[-1] + task
+            stop_at = int(round(starts[ranks] - job.started + max(1.0, 0.4 * (last - starts[ranks]))))
+        else:
+            stop_at += max(3, int(task))
         say(f"walltime case: no task was running at the first SIGTERM (rc {job.returncode}); again, SIGTERM at {stop_at} s")
-        resume = Job(number + 1, work, env_for())  # leave the run finished before the next try
-        resume.run(timeout=args.timeout)
+        if job.returncode != 0:  # leave the run finished before the next try
+            Job(number + 1, work, env_for()).run(timeout=args.timeout)
     else:
         raise SystemExit(f"the walltime case never caught a running task: {attempts}")
     stopped_queues = queue_counts(work / "queues", work / "ledger")
@@ -344,8 +371,26 @@ def walltime_case(args, work: Path, first: Job, windows, env_for) -> dict:
         leased_after[e["task"]] = round(start["time"] - resubmitted.started, 1) if start else None
     redone = sorted(done_in_stopped & {e["task"] for e in later if e["kind"] == "done"})
     after = queue_counts(work / "queues", work / "ledger")
-    completions = {q: {"tasks": after[q]["inserted"] - before.get(q, {}).get("inserted", 0),
-                       "completed": after[q]["completed"] - before.get(q, {}).get("completed", 0)} for q in after}
+    completions: dict[str, dict] = {}  # per task kind: what each job did with it
+    released_ids = {e["task"] for e in released}
+    for label, job_events in (("stopped", events), ("resubmitted", later)):
+        for e in job_events:
+            if e["kind"] != "done":
+                continue
+            row = completions.setdefault(e["name"], {"done_before_stop": 0, "finished_in_grace": 0,
+                                                      "released": 0, "done_after_resubmit": 0, "done": {}})
+            if label == "stopped":
+                row["finished_in_grace" if e["task"] in in_flight else "done_before_stop"] += 1
+            else:
+                row["done_after_resubmit"] += 1
+            row["done"][e["task"]] = row["done"].get(e["task"], 0) + 1
+    for e in events:
+        if e["kind"] == "started" and e["task"] in released_ids:
+            completions.setdefault(e["name"], {"done_before_stop": 0, "finished_in_grace": 0, "released": 0,
+                                               "done_after_resubmit": 0, "done": {}})["released"] += 1
+    for row in completions.values():
+        done = row.pop("done")
+        row["tasks"], row["done_twice"] = len(done), sum(1 for n in done.values() if n > 1)
     return {
         "attempts": attempts, "walltime_seconds": stop_at + stop_grace, "stop_grace": stop_grace,
         "release_grace": release_grace,
@@ -387,10 +432,11 @@ def print_walltime(figures: dict) -> None:
     waits = [s for s in f["released_leased_after_s"].values() if s is not None]
     print(f"resubmitted job: exit {f['resubmitted_rc']} after {f['resubmitted_seconds']} s; released tasks leased "
           f"{', '.join(f'{s} s' for s in waits) or '-'} after it started; tasks redone: {len(f['redone'])}")
-    print(f"{'queue':<12} {'tasks':>5} {'completed':>9}   (segmentation redone: both jobs together)")
-    for q, c in f["completions"].items():
-        if c["tasks"]:
-            print(f"{q:<12} {c['tasks']:>5} {c['completed']:>9}")
+    print(f"{'task':<44} {'tasks':>5} {'done before':>11} {'in grace':>8} {'released':>8} {'resubmitted':>11} "
+          f"{'twice':>5}")
+    for name, c in sorted(f["completions"].items()):
+        print(f"{name:<44} {c['tasks']:>5} {c['done_before_stop']:>11} {c['finished_in_grace']:>8} {c['released']:>8} "
+              f"{c['done_after_resubmit']:>11} {c['done_twice']:>5}")
 
 
 # ---------------------------------------------------------------- main

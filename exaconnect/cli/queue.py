@@ -185,7 +185,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-restarts", type=int, default=100, help="replacements of dead worker processes (with --processes)")
     p.add_argument("--task-module", action="append", default=[], help="import this module's task classes too (repeatable)")
     p.add_argument("--heartbeat", default=os.environ.get("EXACONNECT_HEARTBEAT") or None, metavar="PATH",
-                   help="rewrite PATH every 10 s while alive, for liveness probes (default: $EXACONNECT_HEARTBEAT)")
+                   help="a JSON heartbeat {time, pid, task, task_started, progress, task_timeout} written at every step "
+                        "of the task loop and every 10 s while alive, read by exaconnect-healthcheck (liveness probes; "
+                        "default: $EXACONNECT_HEARTBEAT)")
     p.add_argument("--create-queue", action="store_true", help="create an empty file queue if there is none yet")
     p.add_argument("--device", choices=["auto", "cpu", "gpu", "xpu"], default="auto",
                    help="gpu|xpu: refuse to start (exit 2) when that device is absent; tasks choose their own device")

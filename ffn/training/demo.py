@@ -4,7 +4,7 @@
 weights (only the rounding of inference differs between vector units). It was made by one
 command, on synthetic volumes other than the demo's own (the demo volume is seed 0):
 
-    .venv/bin/python -m exaconnect.ffn.training.demo build --work runs/demo-model
+    .venv/bin/python bench/build_demo_model.py build --work runs/demo-model
 
 1. the selection volumes: synthetic seeds `SELECTION_SEEDS`, misaligned and aligned by the demo
    pipeline itself (configs/demo.yaml without its segment section), so the checkpoint is chosen
@@ -22,15 +22,12 @@ command, on synthetic volumes other than the demo's own (the demo volume is seed
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from exaconnect.errors import InputError
 
@@ -47,7 +44,7 @@ TRAINING_SEEDS = (1, 2)
 SELECTION_SEEDS = (3, 4, 5)
 # (train up to this step, at this learning rate): Adam at 1e-3 still jumps between checkpoints
 # (mean VI on the selection volumes 2.02-2.63 over steps 20,000-30,000); a lower rate settles it.
-PHASES = ((30000, 0.001), (34000, 0.0003))
+PHASES = ((30000, 0.001), (40000, 0.0003))
 SELECTION_EVERY_STEPS = 2000
 # Steps of a demo model trained inside a run (`segment.demo_model_steps` unset there means the
 # committed model; this is the default for `train_demo_model`).
@@ -124,7 +121,7 @@ def committed_demo_model(directory: str | Path = COMMITTED_MODEL_DIR) -> tuple[P
     manifest_path = directory / DEMO_MARKER
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: the demo model's manifest is missing; expected the committed demo model "
-                         "(rebuild it with `python -m exaconnect.ffn.training.demo build`)")
+                         "(rebuild it with `python bench/build_demo_model.py build --work DIR`)")
     files = json.loads(manifest_path.read_text()).get("files") or {}
     if "ffn_config.json" not in files:
         raise InputError(f"{manifest_path}: lists no ffn_config.json; expected the model's files with their SHA-256")
@@ -163,37 +160,17 @@ def install_demo_model(dest_root: str | Path, directory: str | Path = COMMITTED_
 
 # --- making it ----------------------------------------------------------------------------------
 
-def selection_volumes(work_dir: Path, progress: bool = True) -> list:
-    """VolumeSources of the aligned images and labels of `SELECTION_SEEDS`, made by the demo
-    pipeline (misaligned with the volume's own seed, then aligned; no segmentation)."""
-    from exaconnect.pipeline import default_pipeline_file, run_pipeline
-    from exaconnect.pipeline_config import load_pipeline
-
-    from .config import VolumeSource
-
-    sources = []
-    for seed in SELECTION_SEEDS:
-        output = work_dir / f"selection-seed{seed}"
-        sets = {"source": {"synthetic_seed": seed}, "misalign": {"seed": seed}, "segment": {"enabled": False},
-                "pipeline": {"output": str(output), "queue_root": str(work_dir / f"queues-seed{seed}"),
-                             "name": f"selection-{seed}"}}
-        config = load_pipeline(default_pipeline_file(), sets)
-        summary = run_pipeline(config, progress=progress)
-        layers = summary["layers"]
-        sources.append(VolumeSource(name=f"synthetic-{seed}-aligned", image=layers["image"],
-                                    labels=layers["groundtruth"]))
-    return sources
-
-
-def build_demo_model(work_dir: str | Path, dest: str | Path = COMMITTED_MODEL_DIR, progress: bool = True) -> dict:
-    """Trains, chooses and writes the committed demo model (module docstring); returns its manifest."""
+def build_demo_model(work_dir: str | Path, boxes: list, dest: str | Path = COMMITTED_MODEL_DIR,
+                     progress: bool = True) -> dict:
+    """Trains, chooses (on `boxes`: VolumeSources of the selection volumes, which
+    bench/build_demo_model.py makes with the demo pipeline) and writes the committed demo model
+    (module docstring); returns its manifest."""
     from .evaluation import best_record, evaluate_checkpoint, export_checkpoint, list_checkpoints
     from .loop import train
 
     work_dir, dest = Path(work_dir).resolve(), Path(dest)
     work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    boxes = selection_volumes(work_dir, progress)
     run_dir = work_dir / "run"
     phases = []
     for max_steps, learning_rate in PHASES:
@@ -212,8 +189,14 @@ def build_demo_model(work_dir: str | Path, dest: str | Path = COMMITTED_MODEL_DI
     if chosen is None:
         raise RuntimeError(f"{run_dir}: no checkpoint of steps {steps} could be scored")
     export_checkpoint(run_dir, chosen, "vi")
-    selection_seconds = time.perf_counter() - t0
+    return write_committed_model(run_dir, chosen, records, phases, dest,
+                                 selection_seconds=time.perf_counter() - t0, total_seconds=time.perf_counter() - started)
 
+
+def write_committed_model(run_dir: Path, chosen: dict, records: list[dict], phases: list[dict], dest: Path,
+                          **times: float) -> dict:
+    """The exported model of `run_dir` (model/), its training config and `demo_model.json`
+    (the selection table, `times`, the SHA-256 of every file) written into `dest`."""
     staging = dest.with_name(dest.name + ".tmp")
     if staging.exists():
         shutil.rmtree(staging)
@@ -222,14 +205,13 @@ def build_demo_model(work_dir: str | Path, dest: str | Path = COMMITTED_MODEL_DI
     files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
     manifest = {
         "what": "the demo FFN (ffn/training/demo.py); files checked by SHA-256 before every demo run",
-        "command": "python -m exaconnect.ffn.training.demo build --work WORK_DIR",
+        "command": "python bench/build_demo_model.py build --work WORK_DIR",
         "training_seeds": list(TRAINING_SEEDS), "selection_seeds": list(SELECTION_SEEDS),
         "phases": phases, "chosen_step": int(chosen["step"]), "metric": "vi (mean over the selection volumes)",
         "selection": [{"step": r["step"], "vi": round(r["vi"], 4), "vi_split": round(r["vi_split"], 4),
                        "vi_merge": round(r["vi_merge"], 4), "adapted_rand_error": round(r["adapted_rand_error"], 4),
                        "unsegmented_fraction": round(r["unsegmented_fraction"], 4)} for r in records],
-        "selection_seconds": round(selection_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
-        "tensorflow_cpu_note": "trained on one machine; another CPU's oneDNN kernels would train other weights",
+        **{k: round(v, 1) for k, v in times.items()},
         "files": files,
     }
     (staging / DEMO_MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -238,30 +220,3 @@ def build_demo_model(work_dir: str | Path, dest: str | Path = COMMITTED_MODEL_DI
     staging.rename(dest)
     committed_demo_model(dest)
     return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exaconnect.ffn.training.demo",
-                                     description="the committed demo FFN: check it, or build it again")
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="train, choose and write the demo model (about an hour on 2 cores)")
-    build.add_argument("--work", required=True, help="working folder (selection volumes, the training run)")
-    build.add_argument("--dest", default=str(COMMITTED_MODEL_DIR), help="where the model goes (default: %(default)s)")
-    sub.add_parser("check", help="verify the committed model's files against their SHA-256")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.command == "check":
-            directory, digest = committed_demo_model()
-            print(f"{directory}: every file matches demo_model.json (digest {digest[:12]})")
-        else:
-            manifest = build_demo_model(args.work, args.dest)
-            print(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

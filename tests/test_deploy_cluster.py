@@ -129,14 +129,14 @@ SMALL_DEMO = ["source.synthetic_shape=[48,48,48]", "ingest.chunk_size=[16,16,16]
 
 
 @pytest.mark.slow
-def test_demo_through_pipeline_pbs_matches_a_local_run_and_survives_its_walltime(tmp_path):
+def test_demo_through_pipeline_pbs_matches_a_local_run(tmp_path):
     """`make cluster-demo`, smaller: the demo pipeline through deploy/aurora/pipeline.pbs on 2
-    simulated hosts x 2 ranks, voxel-identical to `exaconnect run` with local workers; then the
-    segmentation redone in a job whose walltime expires while segment tasks run: every running task
-    is finished in the grace period or released, no lease is left held, and the resubmitted job
-    finishes the run without redoing a finished task, voxel-identical again."""
+    simulated hosts x 2 ranks, voxel-identical to `exaconnect run` with local workers. The walltime
+    case (a job stopped mid-segmentation, then resubmitted) is `make cluster-demo`'s: aiming a
+    walltime at running tasks depends on the machine's speed, so here it is covered with fixed task
+    lengths by tests/test_deploy_pbs.py `test_walltime_finishes_short_tasks_and_releases_long_ones`."""
     figures_path = tmp_path / "figures.json"
-    code = _pbs_demo().main(["--work", str(tmp_path / "box"), "--walltime-case", "--json", str(figures_path),
+    code = _pbs_demo().main(["--work", str(tmp_path / "box"), "--json", str(figures_path),
                              *[a for s in SMALL_DEMO for a in ("--set", s)]])
     figures = json.loads(figures_path.read_text())
     assert code == 0 and figures["identical"], [r for r in figures["comparison"] if not r["identical"]]
@@ -155,18 +155,6 @@ def test_demo_through_pipeline_pbs_matches_a_local_run_and_survives_its_walltime
     assert all(r["tasks"] > 0 for r in ranks), "every rank drained tasks"
     for queue, counts in figures["queues"].items():
         assert (counts["enqueued"], counts["leased"], counts["dead_lettered"]) == (0, 0, 0), (queue, counts)
-
-    wall = figures["walltime"]
-    in_flight = set(wall["in_flight_at_sigterm"])
-    assert in_flight and wall["stopped_job_rc"] == 124
-    assert set(wall["finished_in_grace"]) | set(wall["released"]) == in_flight, wall
-    assert not wall["leases_held_after_stop"], wall["leases_held_after_stop"]
-    assert wall["resubmitted_rc"] == 0 and wall["redone"] == []
-    for kind, counts in wall["completions"].items():  # every task of the redone stages done once
-        assert counts["done_twice"] == 0, (kind, counts)
-        assert counts["tasks"] == counts["done_before_stop"] + counts["finished_in_grace"] + counts["done_after_resubmit"]
-    assert all(s is not None and s < 120 for s in wall["released_leased_after_s"].values()), wall
-    assert wall["identical"], [r for r in wall["comparison"] if not r["identical"]]
 
 
 if __name__ == "__main__":

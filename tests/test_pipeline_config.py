@@ -73,9 +73,12 @@ def test_the_demo_plans_every_stage_in_order(tmp_path):
     from exaconnect.services.stages import stage_graph
 
     config = load_pipeline(CONFIGS / "demo.yaml", {"pipeline": {"output": str(tmp_path / "out")},
-                                                  "source": {"synthetic_shape": [32, 32, 32]}})
+                                                  "source": {"synthetic_shape": [32, 32, 32]},
+                                                  "montage": {"tile_size": 20, "overlap": 8}})
     names = [s.name for s in stage_graph(build_plan(config).stages)]
-    for earlier, later in [("ingest.image", "misalign"), ("misalign", "align.flow"), ("align.render", "segment.initial"),
+    assert "ingest.image" not in names  # the demo's image is stitched from tiles
+    for earlier, later in [("montage.match", "montage.render"), ("montage.render", "misalign"),
+                           ("ingest.groundtruth", "misalign"), ("misalign", "align.flow"), ("align.render", "segment.initial"),
                            ("segment.initial", "segment.faces"),
                            ("pyramid.segmentation", "mesh.forge"), ("mesh.forge", "mesh.merge"),
                            ("pyramid.segmentation", "skeleton.forge"), ("align.apply-groundtruth", "evaluate")]:

@@ -186,9 +186,12 @@ def test_demo_runs_end_to_end_reuses_its_stages_and_scores_within_bounds(tmp_pat
     lines = done.stdout.strip().splitlines()
     assert "#!" in lines[-1] and "/states/" in lines[-1]  # the short link to the saved state
     assert any(line.startswith("[run] alignment: neighbour correlation") for line in lines)
+    # The sample is cut into tiles and stitched back first (montage), every tile placed.
+    assert any(line.startswith("[run] montage: 384/384 tiles placed in 96 sections") for line in lines), lines[-30:]
     summary = json.loads((tmp_path / "data" / "pipeline" / "summary.json").read_text())
     stages = summary["stages"]
-    for name in ("ingest.image", "misalign", "align.flow", "align.render", "align.report",
+    for name in ("montage.match", "montage.render", "montage.outlines", "ingest.groundtruth", "misalign", "align.flow",
+                 "align.render", "align.report",
                  "segment.initial", "segment.faces", "segment.equivalence", "segment.relabel", "mesh.merge",
                  "skeleton.merge", "evaluate"):
         assert stages[name]["status"] == "done", name

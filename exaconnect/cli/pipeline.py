@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.source:
         args.set = list(args.set) + [f"source.image={args.source}"]
         args.set += [f"source.groundtruth={args.groundtruth}"] if args.groundtruth else []
-        args.set += ["misalign.enabled=false"]
+        args.set += ["misalign.enabled=false", "montage.enabled=false"]  # a volume of whole sections
     if args.model:
         args.set += [f"segment.model={args.model}"]
     return cmd_run(args)

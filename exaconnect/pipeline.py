@@ -143,6 +143,10 @@ def _tile_manifest(config: PipelineConfig, output: str, image_src: str) -> str |
         raise InputError("montage.enabled cuts the built-in sample into tiles (source.image: synthetic); for your own "
                          "tiles give source.tiles: TILES.csv (or a render-ws tile-spec JSON)")
     m = config.montage
+    x, y, _ = config.source.synthetic_shape
+    if m.tile_size > min(x, y):
+        raise InputError(f"montage.tile_size {m.tile_size}: the built-in sample's sections are {x} x {y} px; expected "
+                         f"tiles no larger than {min(x, y)} px (set montage.tile_size and montage.overlap)")
     return write_synthetic_tiles(np.load(image_src), os.path.join(local_path(output), "tiles"), m.tile_size, m.overlap,
                                  m.stage_error_px, config.source.synthetic_seed)
 

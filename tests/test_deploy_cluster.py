@@ -125,7 +125,8 @@ def _pbs_demo():
 # `make cluster-demo` aligns too).
 SMALL_DEMO = ["source.synthetic_shape=[48,48,48]", "ingest.chunk_size=[16,16,16]", "segment.subvolume=[32,32,32]",
               "segment.overlap=[8,8,8]", "segment.demo_model_steps=60", "mesh.shape=[32,32,32]",
-              "skeletons.shape=[32,32,32]", "misalign.enabled=false", "align.enabled=false", "link.short=false"]
+              "skeletons.shape=[32,32,32]", "misalign.enabled=false", "align.enabled=false", "link.short=false",
+              "montage.enabled=false"]
 
 
 @pytest.mark.slow

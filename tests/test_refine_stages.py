@@ -203,6 +203,7 @@ def test_the_refine_section_plans_p2_and_p3_between_segment_and_meshes(tmp_path)
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     model = str(tmp_path / "some_ffn")
     base = {"pipeline": {"output": str(tmp_path / "out")}, "source": {"synthetic_shape": [32, 32, 32]},
+            "montage": {"enabled": False},
             "segment": {"model": model}}
     off = build_plan(load_pipeline(demo, base))
     assert not [s for s in off.stages if s.name.startswith("refine.")]  # disabled unless asked for

@@ -70,7 +70,7 @@ def test_forgetting_an_unknown_stage_is_an_error_naming_the_known_ones(tmp_path,
     code, _, err = _cli(["run", DEMO, "--output", tmp_path / "out", "--queue-root", tmp_path / "q",
                          "--forget", "nosuchstage"], capsys)
     line = _one_line(err)
-    assert code == 2 and "--forget nosuchstage" in line and "ingest.image" in line and "segment" in line, err
+    assert code == 2 and "--forget nosuchstage" in line and "ingest.groundtruth" in line and "segment" in line, err
     assert not (tmp_path / "q").exists()
 
 

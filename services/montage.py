@@ -469,7 +469,7 @@ OUTLINES_DIR = "tile_outlines"
 # of section 5), unique over the layer and stable across reruns.
 TILE_ID_STRIDE = 1_000_000
 # Green: placed by its pairs; red: only at its recorded stage position (the report says why).
-OUTLINE_COLORS = {True: "#00dc00", False: "#ff3000"}
+OUTLINE_COLORS = {True: (0, 220, 0), False: (255, 48, 0)}
 
 
 def outlines_url(layer: str) -> str:

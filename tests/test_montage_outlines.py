@@ -1,6 +1,6 @@
 """The montage's tile outlines (services/montage.py, stage montage.outlines): a precomputed
 annotation layer beside the stitched image, one box per tile per section, read back with
-neuroglancer's own reader; shown in the viewer state and the short link as an annotation layer;
+a decoder written from the format's specification (tests/precomputed_annotations.py); shown in the viewer state and the short link as an annotation layer;
 served by `exaconnect view`."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import neuroglancer
 import numpy as np
 import pytest
-from neuroglancer.read_precomputed_annotations import AnnotationReader
+from precomputed_annotations import PrecomputedAnnotations
 from taskqueue.registered_task import deserialize
 
 from exaconnect.errors import LayerError
@@ -95,20 +95,20 @@ def _tile_names(stitched: Stitched, z: int) -> list[str]:
     return [Path(t.path).name for t in montage.load_tile_set(str(stitched.layer)).section(z)]
 
 
-def test_outlines_read_back_with_neuroglancers_reader(stitched: Stitched) -> None:
-    reader = AnnotationReader(f"file://{stitched.outlines}/")
+def test_outlines_read_back_by_the_formats_specification(stitched: Stitched) -> None:
+    reader = PrecomputedAnnotations(stitched.outlines)
     assert reader.annotation_type == "axis_aligned_bounding_box"
-    assert reader.coordinate_space.scales.tolist() == pytest.approx([8e-9, 8e-9, 40e-9])
-    assert [p.id for p in reader.properties] == ["tile", "section", "moved_px", "placed", "color"]
+    assert reader.scales == pytest.approx([8e-9, 8e-9, 40e-9])
+    assert [p["id"] for p in reader.properties] == ["tile", "section", "moved_px", "placed", "color"]
     lower, upper = np.array(reader.lower_bound), np.array(reader.upper_bound)
     # Off the origin, as the image layer is: its bounds with a pixel to spare for sub-pixel boxes.
     assert lower[2] == FIRST_Z and upper[2] == FIRST_Z + 2 and 30 < lower[0] <= ORIGIN[0] and 46 < lower[1] <= ORIGIN[1]
-    spatial = reader.metadata["spatial"]
+    spatial = reader.spatial
     assert [level["grid_shape"] for level in spatial] == [[1, 1, 2]] and spatial[0]["limit"] == 9
 
     seen = 0
     for cell, z in enumerate((FIRST_Z, FIRST_Z + 1)):
-        boxes = reader.spatial[0][(0, 0, cell)]  # one cell per section
+        boxes = reader.spatial_cell(0, (0, 0, cell))  # one cell per section
         names = _tile_names(stitched, z)
         solved = montage.load_section(str(stitched.layer), "solve", z)
         assert sorted(int(b.id) for b in boxes) == [z * montage.TILE_ID_STRIDE + i for i in range(9)]
@@ -131,7 +131,7 @@ def test_outlines_read_back_with_neuroglancers_reader(stitched: Stitched) -> Non
                 assert np.abs(a[:2] - stitched.truth[z, name]).max() < 1.0, name  # where the tile truly was
                 stage_xy = np.array(stitched.stage[z, name])
                 assert float(moved) == pytest.approx(np.hypot(*(a[:2] - stage_xy)), abs=1e-3) and float(moved) > 0
-            by_id = reader.by_id[int(box.id)]
+            by_id = reader.by_id(int(box.id))
             assert by_id.point_a.tolist() == box.point_a.tolist() and [int(p) for p in by_id.props[:1]] == [index]
             seen += 1
     assert seen == 18

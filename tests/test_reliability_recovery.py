@@ -113,8 +113,6 @@ def test_a_rerun_after_a_purge_redoes_the_stage_instead_of_recording_it_done(tmp
     assert len(_mip_chunks(layer, 1)) == _expected_mip1_chunks(layer) > 0
 
 
-@pytest.mark.skip(reason="hangs when it runs after the rest of the suite (passes alone and with the other "
-                         "reliability files); the hang is open work in issue 24")
 def test_a_stage_is_not_recorded_done_when_its_queue_lost_tasks(tmp_path):
     """Tasks that vanish from the queue without being completed (deleted by hand, a purge while
     workers run) leave the completion count short: the stage fails naming the shortfall."""

@@ -496,3 +496,70 @@ def test_saved_states_are_served(server: ViewerServer, layer: Path, tmp_path: Pa
     with ViewerServer([str(layer)], state_dir=tmp_path) as other:
         (tmp_path / "mine.json").write_text("{}")
         assert get(other, "/states/mine.json")[2] == b"{}"
+
+
+def test_clients_that_send_one_byte_and_stop_hold_no_worker(layer: Path) -> None:
+    """Issue 24, item 8: a request runs on the pool only once its line and headers are whole, so
+    forty clients that send one byte and stop leave a two-thread pool free for real requests."""
+    import socket
+    import time
+
+    with ViewerServer([str(layer)], request_timeout_s=5.0, max_threads=2) as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(40)]
+        try:
+            for sock in stalled:
+                sock.sendall(b"G")
+            time.sleep(0.3)
+            started = time.monotonic()
+            for _ in range(4):
+                status, _, body = get(server, "/data/em/info")
+                assert status == 200 and json.loads(body)["type"] == "image"
+            assert time.monotonic() - started < 2.5, "requests waited behind stalled clients"
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_idle_keep_alive_connections_hold_no_worker_and_are_served_again(layer: Path) -> None:
+    """A browser keeps its connections open between requests: between them they wait in the
+    selector, so more idle keep-alive connections than threads still leave the pool free, and
+    each is answered again when it asks."""
+    import time
+
+    with ViewerServer([str(layer)], request_timeout_s=5.0, max_threads=2) as server:
+        connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10) for _ in range(6)]
+        try:
+            for conn in connections:
+                conn.request("GET", "/data/em/info")
+                response = conn.getresponse()
+                assert response.status == 200 and response.getheader("Connection") != "close"
+                response.read()
+            started = time.monotonic()
+            assert get(server, "/data/em/info")[0] == 200
+            assert time.monotonic() - started < 2.5, "idle keep-alive connections held the pool"
+            for conn in connections:  # the same sockets, a second request each
+                conn.request("GET", "/data/em/info")
+                response = conn.getresponse()
+                assert response.status == 200 and json.loads(response.read())["type"] == "image"
+        finally:
+            for conn in connections:
+                conn.close()
+
+
+def test_pipelined_requests_are_each_answered_in_order(layer: Path) -> None:
+    """Two requests in one packet: the second one's bytes, read with the first, are not lost."""
+    request = b"GET /data/em/info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    closing = b"GET /data/em/nothing-here HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with ViewerServer([str(layer)], request_timeout_s=5.0, max_threads=2) as server:
+        answer = _raw(server.port, request + closing)
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1 404" in rest
+
+
+def test_an_oversized_request_head_is_refused_before_it_reaches_a_worker(layer: Path) -> None:
+    with ViewerServer([str(layer)], request_timeout_s=5.0, max_threads=2) as server:
+        head = b"GET /data/em/info HTTP/1.1\r\n" + b"X-Big: " + b"a" * (80 * 1024)
+        answer = _raw(server.port, head)
+        assert answer.startswith(b"HTTP/1.1 431")
+        assert get(server, "/data/em/info")[0] == 200

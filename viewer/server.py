@@ -19,10 +19,10 @@ Who may read (a web page in the user's own browser is the threat on loopback):
   requests (the bundled client) carry no Origin and need no CORS.
 - Beyond loopback a token is required on every request (see `ViewerServer`).
 
-Resources: connections wait in a selector (no thread) until their first bytes arrive, then run
-on a bounded pool of `max_threads`; `request_timeout_s` bounds each socket read and write, the
-wait for a first byte, and a request line plus headers as a whole (a client dripping bytes is
-cut off); event streams are capped so that open browser tabs cannot take the whole pool.
+Resources: a request's line and headers are read in a selector (no thread) and must be whole
+within `request_timeout_s` (a silent, idle keep-alive or dripping client is cut off there); only
+then does the request run on a bounded pool of `max_threads`, where the same timeout bounds each
+socket write; event streams are capped so that open browser tabs cannot take the whole pool.
 Files are streamed, and a Range request reads only its range.
 
 Every answer carries `Cache-Control: no-store`: chunks written after startup must be seen, and a
@@ -89,8 +89,10 @@ DEFAULT_MAX_THREADS = 32
 DEFAULT_REQUEST_TIMEOUT_S = 20.0
 # Connections accepted but not yet sending (no thread each); beyond this new ones are closed.
 _MAX_WAITING = 4096
-# Connections that sent something and wait for a worker; beyond this they are closed unanswered.
+# Connections whose request head came and wait for a worker; beyond this they are closed unanswered.
 _MAX_QUEUED = 256
+# Longest request line plus headers; a longer head is refused (431) before it reaches a worker.
+_MAX_HEAD_BYTES = 64 * 1024
 _COPY_BLOCK = 1 << 20
 
 
@@ -131,12 +133,80 @@ def is_loopback(bind: str) -> bool:
     return bind in _LOOPBACK
 
 
+class _RequestReader:
+    """A handler's `rfile`: the request head the selector already read, then the socket.
+
+    http.server reads through a buffered file of the socket, whose buffer is private; this one
+    keeps it in the open, so that after an answer on a keep-alive connection the bytes already
+    read of a pipelined next request go back to the selector with the connection.
+    """
+
+    def __init__(self, conn: socket.socket, head: bytes) -> None:
+        self._conn = conn
+        self.pending = bytearray(head)
+
+    def _fill(self) -> bool:
+        data = self._conn.recv(65536)
+        self.pending += data
+        return bool(data)
+
+    def readline(self, limit: int = -1) -> bytes:
+        searched = 0
+        while True:
+            end = self.pending.find(b"\n", searched)
+            if end >= 0 and (limit < 0 or end < limit):
+                size = end + 1
+                break
+            if 0 <= limit <= len(self.pending):
+                size = limit
+                break
+            searched = len(self.pending)
+            if not self._fill():
+                size = len(self.pending)
+                break
+        line = bytes(self.pending[:size])
+        del self.pending[:size]
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        while (size < 0 or len(self.pending) < size) and self._fill():
+            pass
+        size = len(self.pending) if size < 0 else min(size, len(self.pending))
+        data = bytes(self.pending[:size])
+        del self.pending[:size]
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def _head_complete(data: bytearray, start: int) -> bool:
+    """Whether the bytes hold a whole request line and headers (ended by an empty line)."""
+    start = max(0, start - 3)
+    return data.find(b"\r\n\r\n", start) >= 0 or data.find(b"\n\n", start) >= 0
+
+
+class _Waiting:
+    """A connection in the selector: its address, when its request head must be complete, what came so far."""
+
+    __slots__ = ("address", "deadline", "head")
+
+    def __init__(self, address: object, deadline: float, head: bytes = b"") -> None:
+        self.address = address
+        self.deadline = deadline
+        self.head = bytearray(head)
+
+
 class _Server(HTTPServer):
-    """An HTTP server whose connections wait in a selector until readable, then run on a bounded pool.
+    """An HTTP server that reads each request's line and headers in a selector, then answers on a bounded pool.
 
     socketserver's ThreadingMixIn starts one thread per accepted connection before a byte is
-    read, so 800 half-open connections held 800 threads. Here an accepted connection costs a
-    file descriptor only, until it sends something or its time runs out.
+    read, so 800 half-open connections held 800 threads; handing a connection to the pool at its
+    first byte is not enough either (40 clients that send one byte and stop held a 32-thread pool
+    for the whole timeout). Here a connection costs a file descriptor and its buffered bytes until
+    its request head is complete; the pool only ever runs requests it can answer at once. A
+    keep-alive connection goes back to the selector between requests, so an idle browser
+    connection holds no thread either.
     """
 
     request_queue_size = 128
@@ -164,21 +234,48 @@ class _Server(HTTPServer):
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
-        # Written by shutdown() so that the selector wakes at once.
+        # Written by shutdown() and by workers returning a keep-alive connection, so that the
+        # selector wakes at once.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         # Connections handed to the pool (queued or running), so close() can end them at once.
         self._active: set[socket.socket] = set()
         self._active_lock = threading.Lock()
-        # Connections reading a request line and headers -> when that must be done. The socket
-        # timeout bounds each read, but a client dripping a byte per read would never trip it.
-        self._reading: dict[socket.socket, float] = {}
+        # Keep-alive connections answered by a worker, for the selector to wait on again.
+        self._returned: list[tuple[socket.socket, object, bytes]] = []
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self._stop.clear()
         self._stopped.clear()
         timeout = self.config.request_timeout_s
-        waiting: dict[socket.socket, tuple[object, float]] = {}
+        waiting: dict[socket.socket, _Waiting] = {}
+
+        def drop(conn: socket.socket) -> None:
+            selector.unregister(conn)
+            del waiting[conn]
+            self.shutdown_request(conn)
+
+        def admit(conn: socket.socket, entry: _Waiting) -> None:
+            """A whole request head came: to the pool (or closed unanswered when it is full)."""
+            with self._active_lock:
+                full = len(self._active) >= self.config.max_threads + _MAX_QUEUED
+                if not full:
+                    self._active.add(conn)
+            if full:
+                self.shutdown_request(conn)
+            else:
+                self.pool.submit(self._handle, conn, entry.address, bytes(entry.head))
+
+        def wait_on(conn: socket.socket, entry: _Waiting) -> None:
+            if _head_complete(entry.head, 0):
+                admit(conn, entry)
+            elif len(waiting) >= _MAX_WAITING:
+                self.shutdown_request(conn)
+            else:
+                conn.setblocking(False)
+                waiting[conn] = entry
+                selector.register(conn, selectors.EVENT_READ)
+
         with selectors.DefaultSelector() as selector:
             selector.register(self.socket, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
@@ -190,71 +287,78 @@ class _Server(HTTPServer):
                                 self._wake_r.recv(64)
                             except OSError:
                                 pass
-                            continue
-                        if key.fileobj is self.socket:
+                        elif key.fileobj is self.socket:
                             try:
                                 conn, address = self.socket.accept()
                             except OSError:
                                 continue
-                            if len(waiting) >= _MAX_WAITING:
-                                self.shutdown_request(conn)
-                                continue
-                            waiting[conn] = (address, time.monotonic() + timeout)
-                            selector.register(conn, selectors.EVENT_READ)
+                            wait_on(conn, _Waiting(address, time.monotonic() + timeout))
                         else:
                             conn = key.fileobj  # type: ignore[assignment]
-                            selector.unregister(conn)
-                            address, _ = waiting.pop(conn)
-                            with self._active_lock:
-                                full = len(self._active) >= self.config.max_threads + _MAX_QUEUED
-                                if not full:
-                                    self._active.add(conn)
-                            if full:
-                                self.shutdown_request(conn)
-                            else:
-                                self.pool.submit(self._handle, conn, address)
+                            entry = waiting[conn]
+                            try:
+                                data = conn.recv(65536)
+                            except (BlockingIOError, InterruptedError):
+                                continue
+                            except OSError:
+                                data = b""
+                            if not data:
+                                drop(conn)
+                                continue
+                            seen = len(entry.head)
+                            entry.head += data
+                            if _head_complete(entry.head, seen):
+                                selector.unregister(conn)
+                                del waiting[conn]
+                                admit(conn, entry)
+                            elif len(entry.head) > _MAX_HEAD_BYTES:
+                                try:
+                                    conn.send(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                              b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                                except OSError:
+                                    pass
+                                drop(conn)
+                    with self._active_lock:
+                        returned, self._returned = self._returned, []
                     now = time.monotonic()
-                    for conn, (_, deadline) in list(waiting.items()):
-                        if deadline <= now:
-                            selector.unregister(conn)
-                            del waiting[conn]
-                            self.shutdown_request(conn)
-                    self._end_slow_requests(now)
+                    for conn, address, pending in returned:
+                        wait_on(conn, _Waiting(address, now + timeout, pending))
+                    # An idle keep-alive connection, a silent one and one dripping its head byte
+                    # by byte alike: the head must be whole within the timeout of its start.
+                    for conn, entry in list(waiting.items()):
+                        if entry.deadline <= now:
+                            drop(conn)
             finally:
                 for conn in waiting:
                     self.shutdown_request(conn)
+                with self._active_lock:
+                    returned, self._returned = self._returned, []
+                for conn, _, _ in returned:
+                    self.shutdown_request(conn)
                 self._stopped.set()
 
-    def reading(self, conn: socket.socket, started: bool) -> None:
-        """A handler starts (or has finished) reading a request's line and headers."""
-        with self._active_lock:
-            if started:
-                self._reading[conn] = time.monotonic() + self.config.request_timeout_s
-            else:
-                self._reading.pop(conn, None)
-
-    def _end_slow_requests(self, now: float) -> None:
-        with self._active_lock:
-            late = [conn for conn, deadline in self._reading.items() if deadline <= now]
-            for conn in late:
-                del self._reading[conn]
-        for conn in late:
-            try:  # the handler's read returns end-of-stream; it closes the connection itself
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _handle(self, conn: socket.socket, address: object) -> None:
+    def _handle(self, conn: socket.socket, address: object, head: bytes) -> None:
+        keep: bytes | None = None
         try:
             if not self._stop.is_set():
-                self.finish_request(conn, address)
+                keep = self.RequestHandlerClass(conn, address, self, head).kept_bytes
         except Exception:
+            keep = None
             self.handle_error(conn, address)
         finally:
             with self._active_lock:
                 self._active.discard(conn)
-                self._reading.pop(conn, None)
-            self.shutdown_request(conn)
+                if keep is not None and not self._stop.is_set():
+                    self._returned.append((conn, address, keep))
+                else:
+                    keep = None
+            if keep is None:
+                self.shutdown_request(conn)
+            else:
+                try:
+                    self._wake_w.send(b"r")
+                except OSError:
+                    pass
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -267,7 +371,7 @@ class _Server(HTTPServer):
     def server_close(self) -> None:
         self._stop.set()  # queued connections are closed unanswered
         super().server_close()
-        # Wake workers blocked on idle keep-alive connections, so the process can exit now.
+        # Wake workers blocked writing to stalled clients, so the process can exit now.
         with self._active_lock:
             active = list(self._active)
         for conn in active:
@@ -287,24 +391,31 @@ class _Handler(BaseHTTPRequestHandler):
     # The CORS origin to answer for the current request (None: send no CORS headers).
     _cors: str | None = None
 
+    def __init__(self, request: socket.socket, client_address: object, server: _Server, head: bytes = b"") -> None:
+        self._head = head
+        # After the answer: the bytes of the next request already read on a keep-alive
+        # connection (the selector waits for the rest), or None to close the connection.
+        self.kept_bytes: bytes | None = None
+        super().__init__(request, client_address, server)
+
     # -- plumbing ---------------------------------------------------------------------------
     def setup(self) -> None:
-        # A socket timeout on every read and write: an idle or stalled client frees its worker.
+        # A socket timeout on every write (and any read past the head): a stalled client frees its worker.
         self.timeout = self.server.config.request_timeout_s
         super().setup()
+        self.rfile.close()
+        self.rfile = _RequestReader(self.connection, self._head)  # type: ignore[assignment]
 
-    def handle_one_request(self) -> None:
-        # The request line and headers must arrive within the timeout as a whole (see _Server.reading).
-        self.server.reading(self.connection, True)
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.reading(self.connection, False)
+    def handle(self) -> None:
+        # One request per turn on the pool: a keep-alive connection waits for its next request
+        # in the selector, not on a worker.
+        self.close_connection = True
+        self.handle_one_request()
 
-    def parse_request(self) -> bool:
-        ok = super().parse_request()  # reads the headers
-        self.server.reading(self.connection, False)
-        return ok
+    def finish(self) -> None:
+        super().finish()
+        if not self.close_connection and not self.server.stopping.is_set():
+            self.kept_bytes = bytes(self.rfile.pending)  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str):
         # BaseHTTPRequestHandler answers a method without a do_X with 501; every method we do

@@ -101,7 +101,9 @@ def _plan_source(config: PipelineConfig, context) -> None:
 
     source = config.source
     image_src, labels_src = source.image, source.groundtruth
-    if image_src == "synthetic":
+    # With a tile manifest the image comes from the tiles: the built-in sample (source.image's
+    # default) must not be made, nor its labels taken as the tiles' ground truth.
+    if image_src == "synthetic" and not source.tiles:
         image_src, synthetic_labels = _synthetic_source(config, context.output)
         labels_src = labels_src or synthetic_labels
     tiles = _tile_manifest(config, context.output, image_src)

@@ -177,3 +177,19 @@ def test_the_pipeline_stitches_the_built_in_sample_cut_into_tiles(tmp_path):
     assert np.abs(read_box(vol, bounds).astype(float) - truth).mean() < 4.0  # noise 2, gain 5 %, offset 5
     again = run_pipeline(load_pipeline(config), progress=False)
     assert {s["status"] for s in again["stages"].values()} == {"skipped"}
+
+
+def test_a_tile_source_stitches_its_own_tiles_and_takes_no_labels_from_the_built_in_sample(tmp_path, sections):
+    """`source: {tiles: ...}` leaves source.image at its default (the built-in sample): the plan
+    stitches the manifest, makes no sample and evaluates against nothing unless given labels."""
+    from exaconnect.pipeline import build_plan
+    from exaconnect.pipeline_config import load_pipeline
+
+    manifest, _ = write_tile_set(tmp_path, sections)
+    config = tmp_path / "p.yaml"
+    config.write_text(f"output: {tmp_path / 'out'}\nqueue_root: {tmp_path / 'q'}\nsource: {{tiles: {manifest}}}\n"
+                      "segment: {enabled: false}\n")
+    plan = build_plan(load_pipeline(config))
+    assert "groundtruth" not in plan.layers
+    assert [s.name for s in plan.stages][:2] == ["montage.match", "montage.solve"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.npy"))

@@ -8,7 +8,7 @@
 #                              refuses two entries for one source with different Signed-By values
 #   install.sh deps LOCK       /opt/venv with exactly the pinned wheels of deploy/lock/FLAVOUR.txt
 #   install.sh project SRC     exaconnect itself from the source folder SRC (no dependencies)
-# tests/test_deploy.py resolves the same lock with the same wheel-only flags (pip --dry-run).
+# tests/deploy/test_deploy.py resolves the same lock with the same wheel-only flags (pip --dry-run).
 set -eu
 VENV=${VENV:-/opt/venv}
 PIP_LOCK_FLAGS="--no-cache-dir --no-deps --only-binary=:all:"

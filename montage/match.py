@@ -38,7 +38,7 @@ class MatchConfig:
     max_second_ratio: float = 0.9
     # correlation x sqrt(shared pixels / 25): about the peak's height in standard deviations of
     # chance correlation, counting 5 x 5 px of EM texture as one independent sample. On FIB-25
-    # tiles (tests/test_montage_kernels.py) true peaks score >= 3.7 and 99% of false ones < 5.
+    # tiles (tests/montage/test_montage_kernels.py) true peaks score >= 3.7 and 99% of false ones < 5.
     min_significance: float = 5.0
     peak_exclusion_px: int = 4
     min_overlap_fraction: float = 0.2

@@ -1,4 +1,4 @@
-"""Tasks for the deployment tests (tests/test_deploy_helm.py), imported by workers with
+"""Tasks for the deployment tests (tests/deploy/test_deploy_helm.py), imported by workers with
 `--task-module deploy_tasks`."""
 
 import ctypes

@@ -1,7 +1,7 @@
 """A lab's own stage, kept outside exaconnect's folders and registered the way a lab would
 (EXACONNECT_PLUGINS=lab_synapses, or an entry point in the group `exaconnect.stages`): it
 counts the voxels of each object of a segmentation and writes them as JSON. Used by
-tests/test_stage_registry.py to show that one module adds a stage everywhere."""
+tests/services/test_stage_registry.py to show that one module adds a stage everywhere."""
 
 from __future__ import annotations
 

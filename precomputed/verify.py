@@ -25,7 +25,7 @@ from exaconnect.errors import InputError, LayerError
 from exaconnect.precomputed.bbox import Box, chunk_boxes, parse_chunk_name
 from exaconnect.precomputed.checksums import forget_cached_manifests
 from exaconnect.precomputed.chunks import chunk_problem
-from exaconnect.precomputed.layers import chunk_name, layer_url, local_path, mip_bounds, open_layer
+from exaconnect.precomputed.layers import chunk_name, layer_bounds, layer_url, local_path, mip_bounds, open_layer
 
 MANIFEST_DIR = "checksums"
 _BATCH = 256
@@ -210,6 +210,11 @@ def verify_layer(layer: str, mips: Iterable[int] | None = None, bbox: Box | None
     for mip in mips:
         if mip not in available:
             raise InputError(f"--mip {mip}: layer {url} has mips {available[0]}..{available[-1]}")
+    if bbox is not None:
+        bounds = layer_bounds(vol)
+        if bbox.intersection(bounds).empty():
+            # "ok" after checking nothing would read as a clean bill for a box never looked at.
+            raise InputError(f"--bbox {bbox}: outside layer {url}, whose mip-0 bounds are {bounds}")
     cf = CloudFiles(url)
     reports = []
     for mip in mips:

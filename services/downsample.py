@@ -11,7 +11,7 @@ from exaconnect.precomputed.bbox import Box, parse_triple, require_inside
 from exaconnect.precomputed.layers import (Provenance, add_provenance, chunk_compression, layer_bounds, layer_url,
                                            open_layer)
 from exaconnect.precomputed.verify import require_complete
-from exaconnect.services.stages import (Stage, StageCommand, add_allow_missing_argument, layer_argument,
+from exaconnect.services.stages import (Stage, StageCommand, at_least, add_allow_missing_argument, layer_argument,
                                         register_command)
 
 
@@ -99,7 +99,7 @@ class DownsampleStage(Stage):
 def _add_arguments(v) -> None:
     v.add_argument("layer", type=layer_argument, help="layer (path or URL)")
     v.add_argument("--num-mips", type=int, default=2)
-    v.add_argument("--mip", type=int, default=0, help="mip to start from")
+    v.add_argument("--mip", type=at_least(0), default=0, help="mip to start from")
     v.add_argument("--factor", default="2,2,2", help="X,Y,Z per mip (2,2,1 for thick serial sections)")
     v.add_argument("--bbox", default=None, help="x0,y0,z0,x1,y1,z1 in mip-0 voxels")
     add_allow_missing_argument(v)

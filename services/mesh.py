@@ -9,7 +9,7 @@ from typing import ClassVar
 from exaconnect.precomputed.bbox import parse_triple
 from exaconnect.precomputed.layers import Provenance, add_provenance, layer_url, open_layer
 from exaconnect.precomputed.verify import require_complete
-from exaconnect.services.stages import (Stage, StageCommand, add_allow_missing_argument, layer_argument,
+from exaconnect.services.stages import (Stage, StageCommand, at_least, add_allow_missing_argument, layer_argument,
                                         register_command)
 
 
@@ -94,9 +94,9 @@ def mesh_stages(forge: MeshForge) -> list[Stage]:
 
 def _add_arguments(v) -> None:
     v.add_argument("segmentation_layer", type=layer_argument, help="segmentation layer (path or URL)")
-    v.add_argument("--mip", type=int, default=0)
+    v.add_argument("--mip", type=at_least(0), default=0)
     v.add_argument("--shape", default="256,256,256", help="task box X,Y,Z")
-    v.add_argument("--simplification-error", type=float, default=40.0, help="nm")
+    v.add_argument("--simplification-error", type=at_least(0, float), default=40.0, help="nm")
     add_allow_missing_argument(v)
 
 

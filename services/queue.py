@@ -94,9 +94,15 @@ class FailureLedger:
         with open(path) as f:
             return sum(1 for _ in f)
 
-    def record_failure(self, task_id: str, payload: dict | None, error: str, attempt: int | None = None) -> int:
-        """Append one failed attempt (a traceback); returns how many failures are recorded."""
-        return self._append(task_id, {"kind": "exception", "attempt": attempt, "error": error})
+    def record_failure(self, task_id: str, payload: dict | None, error: str, attempt: int | None = None,
+                       retry_delay: int | None = None) -> int:
+        """Append one failed attempt (a traceback); returns how many failures are recorded.
+        `retry_delay`: the task is handed back to wait this long before its next lease (which
+        lets `queue status` tell a task waiting out its delay from one a worker holds)."""
+        record = {"kind": "exception", "attempt": attempt, "error": error}
+        if retry_delay is not None:
+            record["retry_delay"] = int(retry_delay)
+        return self._append(task_id, record)
 
     def record_death(self, task_id: str, how: str, pid: int | None = None) -> int:
         """A worker died while running the task (seen by its parent: `how` names the signal)."""
@@ -166,6 +172,7 @@ class QueueStatus:
     completed: int
     failed: int
     retrying: int
+    waiting: int = 0  # failed tasks waiting out their retry delay (not held by any worker)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -173,7 +180,9 @@ class QueueStatus:
 
 def queue_status(spec: str, ledger_dir: str | None = None) -> QueueStatus:
     """Counts for `exaconnect queue status`. `failed`: dead-lettered tasks. `retrying`: tasks still
-    in the queue that already failed or lost a worker (a dead-lettered task is never retrying)."""
+    in the queue that already failed or lost a worker (a dead-lettered task is never retrying).
+    `leased`: tasks a worker holds now; `waiting`: failed tasks handed back to wait out their retry
+    delay (both kinds are hidden from workers until a time; the failure record tells them apart)."""
     from exaconnect.services.file_queue import FileQueue
 
     q = open_queue(spec, create=False)
@@ -184,13 +193,27 @@ def queue_status(spec: str, ledger_dir: str | None = None) -> QueueStatus:
                            ledger.failing_count())
     now = int(time.time())
     failing = ledger.failing_ids()
-    enqueued = leased = retrying = 0
+    enqueued = leased = retrying = waiting = 0
     for _, ts, ident, attempts in q.entries():
         enqueued += 1
-        leased += ts > now
+        if ts > now:
+            if ident in failing and _waiting_out_retry_delay(ledger, ident, ts):
+                waiting += 1
+            else:
+                leased += 1
         if ident not in dead and (attempts >= 2 or ident in failing or (attempts == 1 and ts <= now)):
             retrying += 1
-    return QueueStatus(q.inserted, enqueued, leased, q.completed, len(dead), retrying)
+    return QueueStatus(q.inserted, enqueued, leased, q.completed, len(dead), retrying, waiting)
+
+
+def _waiting_out_retry_delay(ledger: FailureLedger, task_id: str, hidden_until: int) -> bool:
+    """A task handed back after a failure at time F with delay D is hidden until F + D; leased
+    again after that, it is hidden until a lease (at least 10 s) beyond F + D."""
+    errors = ledger.errors(task_id)
+    last = errors[-1] if errors else {}
+    if "retry_delay" not in last:
+        return False
+    return hidden_until <= float(last["time"]) + int(last["retry_delay"]) + 2
 
 
 def enqueue(spec: str, tasks, total: int | None = None, description: str = "enqueue") -> int:

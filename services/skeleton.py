@@ -10,7 +10,7 @@ from typing import ClassVar
 from exaconnect.precomputed.bbox import parse_triple
 from exaconnect.precomputed.layers import Provenance, add_provenance, layer_url, open_layer
 from exaconnect.precomputed.verify import require_complete
-from exaconnect.services.stages import (Stage, StageCommand, add_allow_missing_argument, layer_argument,
+from exaconnect.services.stages import (Stage, StageCommand, at_least, add_allow_missing_argument, layer_argument,
                                         register_command)
 
 
@@ -97,11 +97,11 @@ def skeleton_stages(forge: SkeletonForge) -> list[Stage]:
 
 def _add_arguments(v) -> None:
     v.add_argument("segmentation_layer", type=layer_argument, help="segmentation layer (path or URL)")
-    v.add_argument("--mip", type=int, default=0)
+    v.add_argument("--mip", type=at_least(0), default=0)
     v.add_argument("--shape", default="256,256,256", help="task box X,Y,Z")
-    v.add_argument("--scale", type=float, default=4.0, help="TEASAR invalidation: scale * boundary distance + const")
-    v.add_argument("--const", type=float, default=100.0, help="nm")
-    v.add_argument("--dust-threshold", type=int, default=500, help="skip objects smaller than this (voxels)")
+    v.add_argument("--scale", type=at_least(0, float), default=4.0, help="TEASAR invalidation: scale * boundary distance + const")
+    v.add_argument("--const", type=at_least(0, float), default=100.0, help="nm")
+    v.add_argument("--dust-threshold", type=at_least(0), default=500, help="skip objects smaller than this (voxels)")
     add_allow_missing_argument(v)
 
 

@@ -290,6 +290,23 @@ class PlanContext:
 
 # ---------------------------------------------------------------- arguments shared by stage commands
 
+def at_least(minimum: float, kind: type = int):
+    """argparse `type=` for a number no smaller than `minimum` (`--dust-threshold -5` was taken)."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {'a whole number' if kind is int else 'a number'}") from None
+        if not value >= minimum:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= {minimum:g}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {minimum:g}"
+    return parse
+
+
 def layer_argument(text: str) -> str:
     """argparse `type=` for a layer: a path or URL normalised once, here at the edge, to the one
     name every service and task receives (`file:///abs/path`, `gs://...`)."""

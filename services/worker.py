@@ -47,7 +47,7 @@ import time
 import traceback
 from dataclasses import dataclass, replace
 
-from exaconnect.errors import QueueError
+from exaconnect.errors import InputError, QueueError
 from exaconnect.services.file_queue import FileQueue, Lease
 from exaconnect.services.queue import FailureLedger, open_queue
 
@@ -257,6 +257,8 @@ class LeaseSlot:
         self._state = context.RawValue(ctypes.c_int, 0)
         self._expires = context.RawValue(ctypes.c_double, 0.0)
         self._started = context.RawValue(ctypes.c_double, 0.0)
+        # When the lease keeper last went round its loop (it does every half second).
+        self._keeper_beat = context.RawValue(ctypes.c_double, 0.0)
 
     def acquire(self) -> bool:
         # A timeout, so that a keeper killed while holding the lock cannot hang the worker.
@@ -280,6 +282,13 @@ class LeaseSlot:
     @property
     def started(self) -> float:
         return self._started.value
+
+    @property
+    def keeper_beat(self) -> float:
+        return self._keeper_beat.value
+
+    def keeper_alive(self) -> None:
+        self._keeper_beat.value = time.time()
 
     def lease(self) -> Lease:
         return Lease(self._shard.value, self._name.value.decode(), self.task_id, self._attempts.value, "")
@@ -316,6 +325,7 @@ def _keeper_loop(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, work
     lost_at = None
     timed_out_at = None
     while True:
+        slot.keeper_alive()
         if os.getppid() != worker_pid:
             return  # the worker is gone; its lease runs out by itself
         now = time.time()
@@ -388,16 +398,21 @@ def _give_back_timed_out(queue: FileQueue, options: WorkerOptions, lease: Lease,
             queue.delete(lease, tally=False)
             _say(f"task {lease.task_id} moved to the dead letter: {reason}; failed {lease.attempts} times")
         else:
-            if ledger is not None:
-                ledger.record_failure(lease.task_id, None, error, attempt=lease.attempts)
             delay = options.lease_seconds if options.retry_delay_seconds is None else options.retry_delay_seconds
+            if ledger is not None:
+                ledger.record_failure(lease.task_id, None, error, attempt=lease.attempts, retry_delay=int(delay))
             queue.release(lease, int(delay))
     except Exception as exc:  # the lease then runs out by itself, and the next lease counts the attempt
         _say(f"could not give back timed-out task {lease.task_id}: {exc!r}")
 
 
+# A keeper silent this long (it beats every half second) is replaced by its worker.
+KEEPER_STALL_SECONDS = 30.0
+
+
 def _start_keeper(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, ledger_root: str | None = None) -> int:
     worker_pid = os.getpid()
+    slot.keeper_alive()  # counts from now, not from an earlier keeper's last beat
     pid = os.fork()
     if pid == 0:  # the keeper
         code = 0
@@ -418,14 +433,38 @@ def _start_keeper(queue: FileQueue, options: WorkerOptions, slot: LeaseSlot, led
     return pid
 
 
-def _stop_keeper(pid: int | None) -> None:
+def _stop_keeper(pid: int | None, grace_seconds: float = 5.0) -> None:
+    """SIGTERM the keeper and reap it; SIGKILL after `grace_seconds`. A keeper forked while
+    another thread of this process held a lock (a test runner's, a library's) can block on it
+    forever and never run its SIGTERM handler; waiting on it unbounded hung the worker."""
     if not pid:
         return
     try:
         os.kill(pid, signal.SIGTERM)
-        os.waitpid(pid, 0)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_seconds
+    try:
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            if time.monotonic() > deadline:
+                _say(f"lease keeper {pid} did not stop within {grace_seconds:g} s of SIGTERM; killing it")
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.02)
     except (ProcessLookupError, ChildProcessError):
         pass
+
+
+def import_task_module(name: str) -> None:
+    """Import a `--task-module` (a lab's own task classes); one that cannot be found is named."""
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
+            raise  # the module exists but imports something missing: its own traceback says what
+        raise InputError(f"--task-module {name}: no module of that name on the Python path (sys.path); "
+                         "give the folder that holds it in PYTHONPATH") from None
 
 
 # ---------------------------------------------------------------- the worker
@@ -485,7 +524,7 @@ class Worker:
 
         checksum_downsample_output()
         for name in self.options.task_modules:
-            importlib.import_module(name)
+            import_task_module(name)
         queue = open_queue(self.queue_spec, create=self.options.create_queue)
         if not isinstance(queue, FileQueue):
             from exaconnect.services.sqs_queue import SQSQueue
@@ -541,8 +580,15 @@ class Worker:
         except ChildProcessError:
             done, status = keeper, 0
         if done == 0:
-            return keeper
-        log.error("lease keeper %d exited (status %d); starting a new one", keeper, status)
+            silent = time.time() - slot.keeper_beat
+            if silent < KEEPER_STALL_SECONDS:
+                return keeper
+            # Forked while another thread held a lock, a keeper can block on it for good: its
+            # leases would run out under running tasks. Replace it.
+            log.error("lease keeper %d has not gone round its loop for %.0f s; replacing it", keeper, silent)
+            _stop_keeper(keeper, grace_seconds=0.0)
+        else:
+            log.error("lease keeper %d exited (status %d); starting a new one", keeper, status)
         return _start_keeper(queue, self.options, slot, self._ledger_root)
 
     def _build(self, lease: Lease):
@@ -635,7 +681,9 @@ class Worker:
             return
         if outcome == "failed":
             self.failed += 1
-            ledger.record_failure(task_id, payload, error, attempt=lease.attempts)
+            delay = self.options.lease_seconds if self.options.retry_delay_seconds is None else self.options.retry_delay_seconds
+            retry = lease.attempts < max_attempts
+            ledger.record_failure(task_id, payload, error, attempt=lease.attempts, retry_delay=int(delay) if retry else None)
             log.error("task %s (%s) failed, attempt %d/%d:\n%s", task_id, name, lease.attempts, max_attempts, error)
             if lease.attempts >= max_attempts:
                 self.boxes.mark(task, "failed", box)
@@ -643,7 +691,6 @@ class Worker:
                 self._bury(queue, ledger, lease, payload, f"{last}; failed {lease.attempts} times", lease.attempts)
             else:
                 self.boxes.mark(task, "pending", box)
-                delay = self.options.lease_seconds if self.options.retry_delay_seconds is None else self.options.retry_delay_seconds
                 queue.release(lease, int(delay))
             return
         self.boxes.mark(task, "done", box)

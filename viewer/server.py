@@ -518,6 +518,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _admit(self, query: dict[str, list[str]]) -> dict | None:
         """Host, Origin and token checks for one request; the extra headers, or None once refused."""
         self._cors = None
+        if len(self.headers.get_all("Host") or []) > 1:
+            # Which one a proxy or a check would read is anybody's guess: refuse, as RFC 9112 asks.
+            self._error(HTTPStatus.BAD_REQUEST, reason="more than one Host header")
+            return None
         if not self._host_ok():
             self._error(HTTPStatus.FORBIDDEN, reason="Host header does not name this server")
             return None

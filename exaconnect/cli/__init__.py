@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -21,6 +22,12 @@ COMMAND_MODULES = ("pipeline", "stages", "align", "segment", "train", "evaluate"
 class _Parser(argparse.ArgumentParser):
     """Bad arguments get one line, as every other error does (`-h` shows the usage); subcommand
     parsers are made of the same class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse takes `-8,8,8` for an option (its own pattern admits only `-8` and `-.5`), so
+        # `--resolution -8,8,8` said "expected one argument"; as a value, our check names what is wrong.
+        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -70,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ExaconnectError as exc:
+        print(f"exaconnect {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A file where a folder should be, a read-only or full output folder, a vanished path:
+        # what the system said and the path, not a traceback.
         print(f"exaconnect {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

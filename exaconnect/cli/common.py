@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from typing import Any, Sequence
 
-from exaconnect.errors import InputError
+from exaconnect.errors import ExaconnectError, InputError
 
 POSITIONAL_HELP = {
     "src": "source sections: a folder of PNG/TIFF, a multi-page TIFF, file.h5:dataset or .npy",
@@ -73,7 +73,18 @@ def queue_root_argument(text: str) -> str:
         queue_url(text)
     except QueueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return text if "://" in text else os.path.abspath(text)
+    if "://" in text:
+        return text
+    root = os.path.abspath(text)
+    # A file where the root or one of its parents should be a folder fails late, with a
+    # traceback from deep in the runner; say so here, by name.
+    probe = root
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise argparse.ArgumentTypeError(f"{text}: {probe} is a file; expected a folder for the queues (or an SQS "
+                                         "queue name prefix, sqs://NAME)")
+    return root
 
 
 def add_queue_arguments(parser: argparse.ArgumentParser, workers_default: int | None = None) -> None:
@@ -101,8 +112,24 @@ def run_service_stages(stages: list, args: argparse.Namespace, record: str | Non
 
     workers = args.workers
     if args.queue is None:
-        with tempfile.TemporaryDirectory(prefix="exaconnect-") as tmp:
+        import shutil
+
+        tmp = tempfile.mkdtemp(prefix="exaconnect-")
+        try:
             report = run_stages(stages, RunnerOptions(tmp, f"{tmp}/records", workers=1 if workers is None else max(1, workers)))
+        except ExaconnectError as exc:
+            if tmp not in str(exc):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            # The error names files in this temporary queue (dead letters, the failure ledger):
+            # they are kept for the user to read, and the message says so.
+            exc.args = (f"{exc} [the run's temporary queue and its failure records are kept in {tmp}; "
+                        "delete it when done]",) + exc.args[1:]
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     else:
         from exaconnect.services.stages import records_location
 

@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Sequence
 
+from exaconnect.services.stages import at_least
+
 
 def cmd_work(args: argparse.Namespace) -> int:
     from exaconnect.services.worker import WorkerOptions, run_workers
@@ -76,7 +78,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             status = queue_status(args.queue, args.ledger_dir)
             bar.total = max(status.inserted, 1)
             bar.n = status.completed + status.failed
-            bar.set_postfix(enqueued=status.enqueued, leased=status.leased, retrying=status.retrying, failed=status.failed)
+            bar.set_postfix(enqueued=status.enqueued, leased=status.leased, waiting=status.waiting, retrying=status.retrying,
+                            failed=status.failed)
             bar.refresh()
             if status.enqueued == 0:
                 break
@@ -165,24 +168,24 @@ def register(subparsers) -> None:
 
     p = verbs.add_parser("create", help="create an empty file queue (choose its shard count before enqueueing)")
     _queue_args(p)
-    p.add_argument("--shards", type=int, default=64, help="sub-folders; about workers/16 for thousands of workers")
+    p.add_argument("--shards", type=at_least(1), default=64, help="sub-folders; about workers/16 for thousands of workers")
     p.set_defaults(func=cmd_create)
 
     p = verbs.add_parser("work", help="lease, run and delete tasks (the worker)")
     _queue_args(p)
-    p.add_argument("--processes", type=int, default=1, help="supervised worker processes (dead ones are replaced)")
+    p.add_argument("--processes", type=at_least(1), default=1, help="supervised worker processes (dead ones are replaced)")
     p.add_argument("--lease-seconds", type=int, default=600, help="lease length, at least 10 (renewed while a task runs)")
-    p.add_argument("--max-attempts", type=int, default=3, help="leases a task may use before it goes to the dead letter")
+    p.add_argument("--max-attempts", type=at_least(1), default=3, help="leases a task may use before it goes to the dead letter")
     p.add_argument("--exit-when-empty", action="store_true")
-    p.add_argument("--max-tasks", type=int, default=None, help="stop after this many tasks")
-    p.add_argument("--retry-delay-seconds", type=float, default=None, help="wait before a failed task is retried (default: the lease)")
+    p.add_argument("--max-tasks", type=at_least(1), default=None, help="stop after this many tasks")
+    p.add_argument("--retry-delay-seconds", type=at_least(0, float), default=None, help="wait before a failed task is retried (default: the lease)")
     p.add_argument("--no-verify-checksums", action="store_true",
                    help="do not check chunks read against the checksums their writers recorded")
     p.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
                    help="end a task that runs longer (counted as a failed attempt, 'timed out after N s'); "
                         "a task that does not stop is ended by killing its worker (run under --processes "
                         "or a supervisor that restarts it)")
-    p.add_argument("--max-restarts", type=int, default=100, help="replacements of dead worker processes (with --processes)")
+    p.add_argument("--max-restarts", type=at_least(0), default=100, help="replacements of dead worker processes (with --processes)")
     p.add_argument("--task-module", action="append", default=[], help="import this module's task classes too (repeatable)")
     p.add_argument("--heartbeat", default=os.environ.get("EXACONNECT_HEARTBEAT") or None, metavar="PATH",
                    help="a JSON heartbeat {time, pid, task, task_started, progress, task_timeout} written at every step "

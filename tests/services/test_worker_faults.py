@@ -241,3 +241,49 @@ def test_dead_letter_commands_list_show_requeue_and_purge(tmp_path):
     assert run("dead-letters", "purge", queue).stdout.startswith("removed 3 dead letters")
     assert queue_status(queue).failed == 0
     assert run("purge", queue).returncode == 0
+
+
+def _deaf_child() -> int:
+    """A child that ignores SIGTERM, as a keeper blocked on a lock inherited through fork does."""
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(60)
+        os._exit(0)
+    return pid
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def test_a_keeper_deaf_to_sigterm_is_killed_instead_of_hanging_its_worker():
+    from exaconnect.services.worker import _stop_keeper
+
+    pid = _deaf_child()
+    started = time.monotonic()
+    _stop_keeper(pid, grace_seconds=0.5)
+    assert time.monotonic() - started < 5 and _reaped(pid)
+
+
+def test_a_keeper_that_stopped_going_round_its_loop_is_replaced(tmp_path):
+    from exaconnect.services.worker import KEEPER_STALL_SECONDS, LeaseSlot, _stop_keeper
+
+    queue = FileQueue(str(tmp_path / "q"), create=True)
+    slot = LeaseSlot()
+    worker = Worker(str(tmp_path / "q"), WorkerOptions(lease_seconds=30), slot)
+    worker._ledger_root = str(tmp_path / "q")
+    wedged = _deaf_child()
+    slot._keeper_beat.value = time.time() - KEEPER_STALL_SECONDS - 1
+    fresh = worker._check_keeper(wedged, queue, slot)
+    try:
+        assert fresh != wedged and _reaped(wedged)
+        time.sleep(1.0)
+        assert time.time() - slot.keeper_beat < 2  # the new keeper goes round its loop
+        assert worker._check_keeper(fresh, queue, slot) == fresh  # and is kept
+    finally:
+        _stop_keeper(fresh)

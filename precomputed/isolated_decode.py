@@ -6,8 +6,11 @@ noise in the body makes it read far outside its buffers and segfault (exit 139, 
 traceback, every rerun the same). Only its header can be checked cheaply beforehand
 (`chunks.chunk_problem`), so chunks whose bytes no checksum manifest vouches for are decoded here:
 in one long-lived helper per process (only numpy and compresso imported, started on first need),
-fed one chunk at a time over a pipe. When the helper dies or hangs on a chunk, that chunk is
-reported damaged by name and the next chunk gets a fresh helper.
+fed one chunk at a time over a pipe. The helper decodes each chunk in a child forked from its
+pristine state: what garbage does to the decoder (a crash, or not) then depends only on the
+chunk, never on what the helper decoded before. A crash of that child names the chunk as
+damaged; when the helper itself dies or a decode hangs, the chunk is reported damaged by name and
+the next chunk gets a fresh helper.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import numpy as np
 DECODE_TIMEOUT_SECONDS = 120.0
 
 # The helper: length-prefixed chunks in on stdin; per chunk, a status byte, then either the
-# decoded array (dtype, shape, Fortran-order bytes) or an error message.
+# decoded array (dtype, shape, Fortran-order bytes), an error message, or the signal that ended
+# the decoding child.
 _HELPER = r"""
 import os, struct, sys
 import numpy as np
@@ -49,38 +53,73 @@ def write_all(data):
     while view:
         view = view[os.write(1, view):]
 
-while True:
-    (size,) = struct.unpack("<Q", read_exactly(8))
-    data = read_exactly(size)
+def decode(data):
     try:
         image = np.asarray(compresso.decompress(data))
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}".encode()
         write_all(b"E" + struct.pack("<Q", len(message)) + message)
-        continue
+        return
     dtype = image.dtype.str.encode()
     head = struct.pack("<B", len(dtype)) + dtype + struct.pack("<B", image.ndim)
     head += struct.pack(f"<{image.ndim}Q", *image.shape)
     body = np.asfortranarray(image).tobytes(order="F")
     write_all(b"K" + head + struct.pack("<Q", len(body)) + body)
+
+while True:
+    (size,) = struct.unpack("<Q", read_exactly(8))
+    data = read_exactly(size)
+    child = os.fork()
+    if child == 0:
+        decode(data)
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        write_all(b"C" + struct.pack("<i", os.WTERMSIG(status)))
+    elif os.WEXITSTATUS(status) != 0:
+        write_all(b"C" + struct.pack("<i", 0))
 """
 
 
 class HelperDied(Exception):
-    """The helper ended (a crash in the decoder) or went silent while decoding a chunk."""
+    """The helper ended or went silent while decoding a chunk."""
+
+
+class DecoderCrashed(Exception):
+    """The decoding child died on the chunk (a signal: the decoder read or wrote out of bounds)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    def describe(self) -> str:
+        import signal
+
+        if not self.signum:
+            return "crashed"
+        try:
+            return f"crashed ({signal.Signals(self.signum).name})"
+        except ValueError:
+            return f"crashed (signal {self.signum})"
 
 
 class _Helper:
     def __init__(self) -> None:
+        # Its own process group: a decoding child stuck in a loop goes with it (close()).
         self.process = subprocess.Popen([sys.executable, "-c", _HELPER], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+                                        start_new_session=True)
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.process.wait()
         for stream in (self.process.stdin, self.process.stdout):
             try:
@@ -115,13 +154,17 @@ class _Helper:
         return bytes(out)
 
     def decode(self, data: bytes) -> np.ndarray | str:
-        """The decoded array, or the decoder's error message; HelperDied if it crashed."""
+        """The decoded array, or the decoder's error message; DecoderCrashed if the decoding child
+        died on it, HelperDied if the helper itself ended or went silent."""
         try:
             self.process.stdin.write(struct.pack("<Q", len(data)) + data)
         except (BrokenPipeError, OSError):
             raise HelperDied() from None
         deadline = time.monotonic() + DECODE_TIMEOUT_SECONDS
         status = self._read(1, deadline)
+        if status == b"C":
+            (signum,) = struct.unpack("<i", self._read(4, deadline))
+            raise DecoderCrashed(signum)
         if status == b"E":
             (size,) = struct.unpack("<Q", self._read(8, deadline))
             return self._read(size, deadline).decode(errors="replace")
@@ -150,6 +193,9 @@ def decode_compresso_isolated(data: bytes | memoryview, shape: Sequence[int], dt
             helper = _helper[os.getpid()] = _Helper()
         try:
             result = helper.decode(bytes(data))
+        except DecoderCrashed as crash:
+            raise DamagedChunkError(f"chunk {chunk} is damaged: the compresso decoder {crash.describe()} on it (its "
+                                    "body is garbled); rewrite it (rerun the task that wrote it)") from None
         except HelperDied:
             how = helper.how_it_ended()
             helper.close()

@@ -274,3 +274,37 @@ def test_a_section_without_a_single_trusted_pair_keeps_every_stage_position():
     solution = solve_positions(stage, [], np.zeros((0, 2)))
     assert np.allclose(solution.positions, stage)
     assert sorted(solution.unplaced) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("shapes", [((40, 60), (35, 50)), ((17, 90), (23, 88)), ((64, 64), (64, 64))])
+def test_unmasked_ncc_from_summed_area_tables_equals_the_masked_correlations(shapes, monkeypatch):
+    """The fast path (three FFTs, overlap sums from summed-area tables) against the masked one
+    (twelve FFTs), on crops of different, odd shapes: the same scores and counts at every shift."""
+    from exaconnect.montage import match
+
+    rng = np.random.default_rng(7)
+    fixed, moving = rng.normal(100, 30, shapes[0]), rng.normal(100, 30, shapes[1])
+    full_f, full_m = np.ones(fixed.shape, bool), np.ones(moving.shape, bool)
+    fast = match.masked_ncc(fixed, full_f, moving, full_m)
+    monkeypatch.setattr(match, "SCATTERED_MASKED_FRACTION", -1.0)
+    masked = match.masked_ncc(fixed, full_f, moving, full_m)
+    assert np.abs(fast[0] - masked[0]).max() < 1e-9 and np.array_equal(fast[1], masked[1])
+
+
+def test_scattered_saturated_pixels_do_not_move_the_peak(monkeypatch):
+    from exaconnect.montage import match
+
+    rng = np.random.default_rng(8)
+    field = ndimage.gaussian_filter(rng.normal(size=(120, 160)), 2.0)
+    image = np.clip(128 + field / field.std() * 40, 0, 255).astype(np.uint8)
+    holes = rng.random(image.shape) < 0.003
+    image[holes] = 255
+    fixed, moving = image[10:90, 0:100], image[17:97, 23:123]  # moving's (0, 0) on fixed's (7, 23)
+    args = (fixed.astype(float), match.signal_mask(fixed), moving.astype(float), match.signal_mask(moving))
+    assert match._scattered(args[1]) and not args[1].all()
+    for fraction in (0.005, -1.0):
+        monkeypatch.setattr(match, "SCATTERED_MASKED_FRACTION", fraction)
+        ncc, count = match.masked_ncc(*args)
+        enough = count >= 2000
+        i, j = np.unravel_index(np.argmax(np.where(enough, ncc, -1)), ncc.shape)
+        assert (i - (moving.shape[0] - 1), j - (moving.shape[1] - 1)) == (7, 23)

@@ -231,6 +231,9 @@ def test_neuroglancer_draws_each_outline_where_its_tile_went(stitched: Stitched)
         pytest.skip("chromium/chromedriver not installed (make browser)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "viewer"))  # the browser tests' helpers
     from test_viewer_browser import ARTIFACTS, CHROME_FLAGS, WINDOW, _panel_rects
 
     from exaconnect.viewer.links import short_link

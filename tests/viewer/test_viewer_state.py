@@ -204,7 +204,7 @@ def _write_boxes(path: Path, color: bool = True) -> Path:
     space = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[4, 4, 40])
     properties = [neuroglancer.AnnotationPropertySpec(id="color", type="rgb")] if color else []
     writer = AnnotationWriter(space, "axis_aligned_bounding_box", properties=properties)
-    extra = {"color": "#ff0000"} if color else {}
+    extra = {"color": (255, 0, 0)} if color else {}
     writer.add_axis_aligned_bounding_box([130.5, 210.25, 7], [174.5, 254.25, 8], id=7000001, **extra)
     writer.add_axis_aligned_bounding_box([160, 240, 9], [201, 281, 10], id=9000000, **extra)
     writer.write(path)

@@ -212,12 +212,14 @@ class FileQueue:
             return None
         return Lease(lease.shard, new, lease.task_id, attempts, lease.text)
 
-    def release_all(self, refund: bool = True) -> int:
+    def release_all(self, refund: bool = True, keep=None) -> int:
         """Make every leased task available now (the runner's resume of a local run, whose
-        workers died with it); `refund` gives their attempts back. Returns how many."""
+        workers died with it); `refund` gives their attempts back. `keep(task_id, hidden_until)`
+        true: leave that one as it is (a failed task waiting out its retry delay holds no lease).
+        Returns how many."""
         now, count = _now(), 0
         for shard, ts, ident, attempts in list(self.entries()):
-            if ts > now:
+            if ts > now and not (keep is not None and keep(ident, ts)):
                 name = make_name(ts, ident, attempts)
                 lease = Lease(shard, name, ident, attempts, "")
                 if self.release(lease, refund=refund) is not None:

@@ -197,7 +197,7 @@ def queue_status(spec: str, ledger_dir: str | None = None) -> QueueStatus:
     for _, ts, ident, attempts in q.entries():
         enqueued += 1
         if ts > now:
-            if ident in failing and _waiting_out_retry_delay(ledger, ident, ts):
+            if ident in failing and waiting_out_retry_delay(ledger, ident, ts):
                 waiting += 1
             else:
                 leased += 1
@@ -206,7 +206,7 @@ def queue_status(spec: str, ledger_dir: str | None = None) -> QueueStatus:
     return QueueStatus(q.inserted, enqueued, leased, q.completed, len(dead), retrying, waiting)
 
 
-def _waiting_out_retry_delay(ledger: FailureLedger, task_id: str, hidden_until: int) -> bool:
+def waiting_out_retry_delay(ledger: FailureLedger, task_id: str, hidden_until: int) -> bool:
     """A task handed back after a failure at time F with delay D is hidden until F + D; leased
     again after that, it is hidden until a lease (at least 10 s) beyond F + D."""
     errors = ledger.errors(task_id)

@@ -147,15 +147,18 @@ def _quiet_enqueue(queue: str, tasks: list) -> int:
     return int(open_queue(queue).insert(tasks, parallel=1))
 
 
-def _release_local_leases(queue: str) -> None:
+def _release_local_leases(queue: str, ledger_dir: str | None = None) -> None:
     """Leases held by local workers that died with an earlier runner: nobody else works on a
-    local run's queues, so they are given back now instead of after the lease time."""
-    from exaconnect.services.queue import open_queue
+    local run's queues, so they are given back now instead of after the lease time. Failed tasks
+    waiting out their retry delay hold no lease: they keep their delay and their attempt count."""
+    from exaconnect.services.queue import FailureLedger, open_queue, waiting_out_retry_delay
 
     tq = open_queue(queue)
     release = getattr(tq, "release_all", None)
     if release is not None:
-        count = release()
+        ledger = FailureLedger.for_queue(queue, ledger_dir)
+        failing = ledger.failing_ids()
+        count = release(keep=lambda ident, ts: ident in failing and waiting_out_retry_delay(ledger, ident, ts))
         if count:
             log.info("released %s leases held by workers of an earlier run on %s", count, queue)
 
@@ -420,7 +423,7 @@ def _stopped(control: StopControl, store: ArtifactStore, stage: Stage | None, qu
 
         if options.workers > 0:
             try:
-                _release_local_leases(queue)
+                _release_local_leases(queue, service_ledger(options, stage.service))
             except ExaconnectError:
                 pass
         try:
@@ -496,7 +499,7 @@ def _run_ordered(ordered: list, options: RunnerOptions, store: ArtifactStore, co
             if options.progress:
                 print(f"[run] {stage.name}: resuming (enqueued earlier: {count} tasks)", flush=True)
             if options.workers > 0:
-                _release_local_leases(queue)
+                _release_local_leases(queue, service_ledger(options, stage.service))
         else:
             store.delete(_record_key(stage))
             count = _enqueue_stage(stage, queue, options.progress, service_ledger(options, stage.service))

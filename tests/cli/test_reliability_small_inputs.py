@@ -191,3 +191,23 @@ def test_an_ingest_that_wrote_no_chunk_leaves_no_empty_layer(tmp_path, capsys):
     code, _, err = _cli(["ingest", "run", folder, tmp_path / "layer", "--resolution", "8,8,8"], capsys)
     assert code == 2 and "s000.png" in err and "got no chunk and its info was removed" in err, err
     assert not (tmp_path / "layer" / "info").exists()
+
+
+def test_a_resumed_run_releases_dead_workers_leases_but_not_retry_delays(tmp_path):
+    """The runner gives back the leases of its earlier run's dead workers at once, with their
+    attempts refunded; a failed task waiting out its retry delay keeps its delay and its attempts."""
+    from exaconnect.services.file_queue import FileQueue
+    from exaconnect.services.queue import FailureLedger
+    from exaconnect.services.runner import _release_local_leases
+
+    spec = str(tmp_path / "q")
+    queue = FileQueue(spec, create=True)
+    queue.insert([{"n": i} for i in range(2)])
+    held, failed = queue.lease(600), queue.lease(600)
+    FailureLedger.for_queue(spec).record_failure(failed.task_id, None, "boom", attempt=1, retry_delay=300)
+    queue.release(failed, 300)
+    _release_local_leases(spec)
+    now = time.time()
+    entries = {ident: (ts, attempts) for _, ts, ident, attempts in queue.entries()}
+    assert entries[held.task_id] == (0, 0) or (entries[held.task_id][0] <= now and entries[held.task_id][1] == 0)
+    assert entries[failed.task_id][0] > now + 200 and entries[failed.task_id][1] == 1

@@ -461,18 +461,24 @@ def second_run(root: Path, name: str, model: str, shape: int) -> int:
     return 0
 
 
-def decoder_crashes(data: bytes) -> bool:
-    """Whether compresso's decoder crashes on `data`, decoded as the workers decode a chunk no
-    checksum vouches for: in a child forked from the helper's pristine state, so the answer
-    depends on the bytes only (precomputed/isolated_decode.py)."""
+def decoder_crashes(data: bytes, helpers: int = 5) -> bool:
+    """Whether compresso's decoder crashes on `data` as the workers decode a chunk no checksum
+    vouches for (in a child forked from a helper's pristine state: precomputed/isolated_decode.py),
+    in each of `helpers` fresh helpers. Where out-of-bounds garbage lands depends on the address
+    layout, which differs between processes: only garbles that crash every helper tried are
+    taken, so that the workers' own helpers crash on them too."""
     from exaconnect.precomputed.chunks import DamagedChunkError
-    from exaconnect.precomputed.isolated_decode import decode_compresso_isolated
+    from exaconnect.precomputed.isolated_decode import decode_compresso_isolated, restart_helper
 
-    try:
-        decode_compresso_isolated(data, (1, 1, 1, 1), np.uint64, "probe")
-    except DamagedChunkError as exc:
-        return "decoder crashed" in str(exc)
-    return False
+    for _ in range(helpers):
+        restart_helper()
+        try:
+            decode_compresso_isolated(data, (1, 1, 1, 1), np.uint64, "probe")
+        except DamagedChunkError as exc:
+            if "decoder crashed" in str(exc):
+                continue
+        return False
+    return True
 
 
 def compresso_scenario(root: Path, model: str, shape: int, seed: int) -> dict:

@@ -178,6 +178,14 @@ class _Helper:
 
 
 _lock = threading.Lock()
+
+
+def restart_helper() -> None:
+    """End this process's helper; the next decode starts a fresh one (its own address layout)."""
+    with _lock:
+        helper = _helper.pop(os.getpid(), None)
+        if helper is not None:
+            helper.close()
 _helper: dict[int, _Helper] = {}  # by pid: a forked child must not share its parent's pipes
 
 

@@ -229,18 +229,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from exaconnect.errors import ExaconnectError
+    """`python -m exaconnect.cli.queue ...` = `exaconnect queue ...` (the same parser and errors)."""
+    from exaconnect.cli import main as exaconnect_main
 
-    parser = argparse.ArgumentParser(prog="exaconnect")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["queue", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except ExaconnectError as exc:
-        print(f"exaconnect queue {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return exaconnect_main(["queue", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -627,7 +627,7 @@ def test_doctor_reports_json_and_fails_for_missing_device(capsys):
 def test_readme_cluster_section_matches_the_files():
     text = (ROOT / "README.md").read_text()
     section = text.split("### On a cluster", 1)[1].split("\n## ", 1)[0]
-    for path in set(re.findall(r"\b(deploy/[\w./-]+|helm/exaconnect[\w./-]*|Dockerfile)\b", section)):
+    for path in set(re.findall(r"(?<![\w/])(deploy/[\w./-]+|helm/exaconnect[\w./-]*|Dockerfile)\b", section)):
         for flavour in ("cpu", "nvidia", "xpu"):
             assert (ROOT / path.rstrip(".").replace("FLAVOUR", flavour)).exists(), f"README names {path}, which does not exist"
     for needed in ("apptainer build", "deploy/exaconnect.def", "docker build", "--build-arg FLAVOUR=xpu",

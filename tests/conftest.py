@@ -137,6 +137,22 @@ QUICK_MODULES = {
 }
 
 
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """`exaconnect ARGV` in this process: (exit code, stdout, stderr)."""
+    from exaconnect.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line(err: str) -> str:
+    """The only non-blank line of `err` (an error must be one line)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in QUICK_MODULES and "slow" not in item.keywords:

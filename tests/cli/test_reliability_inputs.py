@@ -12,18 +12,8 @@ import pytest
 from exaconnect.errors import InputError
 
 
-def _cli(argv, capsys) -> tuple[int, str, str]:
-    from exaconnect.cli import main
-
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
+from conftest import one_line as _one_line  # noqa: E402
+from conftest import run_cli as _cli  # noqa: E402
 
 
 # ---------------------------------------------------------------- item 10: unknown URL schemes

@@ -422,11 +422,16 @@ def test_a_hung_task_is_detected_and_its_pod_restarted(pod_root, share_process_n
                          "shareProcessNamespace": share_process_namespace,
                          "livenessProbe": {"initialDelaySeconds": 20, "periodSeconds": 2, "failureThreshold": 2},
                          "extraArgs": ["--task-module", "deploy_tasks", "--retry-delay-seconds", "1"],
-                         "env": [{"name": "PYTHONPATH", "value": str(ROOT / "tests")},
+                         # The lab's task module comes with the data, as it would on a cluster:
+                         # the pod rewrites paths under its mounts (/tmp among them), so a checkout
+                         # under /tmp could not be named here.
+                         "env": [{"name": "PYTHONPATH", "value": "/data/lab"},
                                  {"name": "EXACONNECT_TIMEOUT_GRACE", "value": "8"}]}}
     deployment = _kind(_render(values), "Deployment")["exa-exaconnect-mesh"]
     docs = _render(values)
     pod = Pod(deployment["spec"]["template"]["spec"], docs, pod_root / "mesh", _shared_volume(docs, pod_root / "pvc"))
+    (pod_root / "pvc" / "lab").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "tests" / "deploy_tasks.py", pod_root / "pvc" / "lab" / "deploy_tasks.py")
     queue = f"fq://{pod_root / 'pvc' / 'queues' / 'mesh'}"
     open_queue(queue, create=True).insert([HungTask(str(pod_root / "pvc" / "hung"), 600)])
     for path in [pod_root / "pvc", *(pod_root / "pvc").rglob("*")]:

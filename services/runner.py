@@ -374,11 +374,20 @@ def _tasks_lost(stage: Stage, queue: str, count: int, options: RunnerOptions) ->
     return lost > 0
 
 
+# A worker removes a finished task's file, then appends to the completion tally: a runner that
+# looks in between sees one task neither queued nor completed. This long it waits for the tally.
+COMPLETION_SETTLE_SECONDS = 10.0
+
+
 def _check_all_completed(stage: Stage, queue: str, count: int, ledger_dir: str | None = None) -> None:
     """Completion is proved by the queue's own count, not assumed from an empty queue."""
     from exaconnect.services.queue import unaccounted_tasks
 
+    deadline = time.monotonic() + COMPLETION_SETTLE_SECONDS
     lost = unaccounted_tasks(queue, count, ledger_dir)
+    while lost and time.monotonic() < deadline:
+        time.sleep(0.2)
+        lost = unaccounted_tasks(queue, count, ledger_dir)
     if lost:
         raise StageFailed(f"stage {stage.name}: its queue {queue} completed {count - lost} of {count} tasks and no "
                           f"longer holds the other {lost} (purged or deleted while it ran?); rerun to enqueue "

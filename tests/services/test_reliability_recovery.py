@@ -139,3 +139,33 @@ def test_a_stage_is_not_recorded_done_when_its_queue_lost_tasks(tmp_path):
     finally:
         Worker.run = real_run
     assert not (tmp_path / "record" / "stages" / "downsample.pyramid.json").exists()
+
+
+def test_a_completion_tallied_just_after_its_task_file_went_is_not_taken_for_a_lost_task(tmp_path):
+    """Workers delete a finished task's file, then tally it: a runner checking in between (seen
+    under load on the PBS demo) must wait for the tally instead of failing the stage."""
+    import threading
+    import time
+
+    from exaconnect.services.file_queue import FileQueue
+    from exaconnect.services.runner import _check_all_completed
+
+    spec = str(tmp_path / "q")
+    queue = FileQueue(spec, create=True)
+    queue.insert([{"n": 1}])
+    lease = queue.lease(60)
+    import os
+
+    os.unlink(os.path.join(queue._shard_dirs[lease.shard], lease.name))  # the worker's first step
+
+    def tally_late():
+        time.sleep(1.0)
+        with open(queue.path / "completions" / f"{lease.shard:03d}", "ab") as f:
+            f.write(b"\0")
+
+    writer = threading.Thread(target=tally_late)
+    writer.start()
+    started = time.monotonic()
+    _check_all_completed(_stage(tmp_path / "layer"), spec, 1)
+    writer.join()
+    assert 0.8 < time.monotonic() - started < 5

@@ -95,12 +95,6 @@ class DownsampleStage(Stage):
     def writes(self) -> tuple[str, ...]:
         return (self.layer,)
 
-    def after_failure(self) -> str | None:
-        from exaconnect.precomputed.empty_outputs import drop_empty_top_mips
-
-        removed = drop_empty_top_mips(self.layer, self.mip)
-        return f"the info no longer lists the mips that got no chunk ({', '.join(removed)})" if removed else None
-
 
 def _add_arguments(v) -> None:
     v.add_argument("layer", type=layer_argument, help="layer (path or URL)")

@@ -142,11 +142,6 @@ class IngestStage(Stage):
     def writes(self) -> tuple[str, ...]:
         return (self.dest,)
 
-    def after_failure(self) -> str | None:
-        from exaconnect.precomputed.empty_outputs import drop_empty_layer
-
-        return f"layer {self.dest} got no chunk and its info was removed" if drop_empty_layer(self.dest) else None
-
 
 def _add_arguments(v) -> None:
     v.add_argument("src", help="source sections: a folder of PNG/TIFF, a multi-page TIFF, file.h5:dataset or .npy")

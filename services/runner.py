@@ -462,14 +462,6 @@ def _outputs_gone(stage: Stage, record: dict) -> str:
     return missing_output(record.get("outputs") or {})
 
 
-def _after_failure(stage: Stage) -> str | None:
-    try:
-        return stage.after_failure()
-    except Exception as exc:  # the stage's own failure is what the user must see first
-        log.warning("stage %s: could not take back its empty outputs: %s", stage.name, exc)
-        return None
-
-
 def _run_ordered(ordered: list, options: RunnerOptions, store: ArtifactStore, control: StopControl,
                  on_complete: Callable[[Stage, StageResult], None] | None) -> RunReport:
     from exaconnect.services.stage_outputs import existing_outputs
@@ -522,14 +514,8 @@ def _run_ordered(ordered: list, options: RunnerOptions, store: ArtifactStore, co
                     _wait_for_remote(stage, queue, count, options, control)
             if control.stopping and _tasks_left(stage, queue, options):
                 raise _stopped(control, store, stage, queue, options)
-            try:
-                _check_dead_letters(stage, queue, service_ledger(options, stage.service))
-                _check_all_completed(stage, queue, count, service_ledger(options, stage.service))
-            except StageFailed as failed:
-                taken_back = _after_failure(stage)
-                if taken_back:
-                    raise StageFailed(f"{failed}; {taken_back}") from None
-                raise
+            _check_dead_letters(stage, queue, service_ledger(options, stage.service))
+            _check_all_completed(stage, queue, count, service_ledger(options, stage.service))
         seconds = time.perf_counter() - started
         result = StageResult(stage.name, "done", count, seconds, fp)
         writes = list(stage.writes())

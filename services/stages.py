@@ -102,12 +102,6 @@ class Stage:
     def writes(self) -> tuple[str, ...]:
         return ()
 
-    def after_failure(self) -> str | None:
-        """Called by the runner when the stage failed (tasks dead-lettered or lost): take back
-        what would read as data but holds none (a mip in the info with no chunk written, a layer
-        with no chunk at all). Returns what was taken back, for the error message; None: nothing."""
-        return None
-
     # ---- derived
     def parameters(self) -> dict[str, Any]:
         """Every field except the name: what changes the stage's result. An upstream stage held as a

@@ -128,9 +128,10 @@ def chunk_problem(data: bytes | memoryview, encoding: str, shape: Sequence[int],
     if encoding == "compressed_segmentation":
         return compressed_segmentation_problem(data, shape, dtype, block_size or (8, 8, 8))
     if encoding == "raw":
-        expected = int(np.prod([int(s) for s in shape])) * np.dtype(dtype).itemsize
+        dims = tuple(int(s) for s in shape)  # cloud-volume passes numpy integers: name them plainly
+        expected = int(np.prod(dims)) * np.dtype(dtype).itemsize
         if len(data) != expected:
-            return f"{len(data)} bytes; a raw {np.dtype(dtype).name} chunk of {tuple(shape)} has {expected}"
+            return f"{len(data)} bytes; a raw {np.dtype(dtype).name} chunk of {dims} has {expected}"
         return ""
     if encoding == "compresso":
         import compresso
@@ -144,7 +145,7 @@ def chunk_problem(data: bytes | memoryview, encoding: str, shape: Sequence[int],
         except Exception as exc:  # a header the library cannot parse
             return f"unreadable compresso header ({exc})"
         if size != tuple(int(s) for s in shape[:3]):
-            return f"compresso header says {size}; the chunk is {tuple(shape[:3])}"
+            return f"compresso header says {size}; the chunk is {tuple(int(s) for s in shape[:3])}"
         if int(head["data_width"]) != np.dtype(dtype).itemsize:
             return f"compresso header says {head['data_width']}-byte labels; the layer is {np.dtype(dtype).name}"
     return ""

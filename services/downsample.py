@@ -4,7 +4,7 @@ for segmentation: igneous picks by layer type), enqueued on our queue."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from exaconnect.errors import InputError, LayerError
 from exaconnect.precomputed.bbox import Box, parse_triple, require_inside
@@ -13,6 +13,9 @@ from exaconnect.precomputed.layers import (Provenance, add_provenance, chunk_com
 from exaconnect.precomputed.verify import require_complete
 from exaconnect.services.stages import (Stage, StageCommand, at_least, add_allow_missing_argument, layer_argument,
                                         register_command)
+
+if TYPE_CHECKING:
+    from exaconnect.precomputed.empty_outputs import TakenBack
 
 
 def create_downsample_tasks(layer: str, num_mips: int = 2, mip: int = 0, bbox: Box | None = None,
@@ -94,6 +97,11 @@ class DownsampleStage(Stage):
 
     def writes(self) -> tuple[str, ...]:
         return (self.layer,)
+
+    def after_failure(self) -> TakenBack | None:
+        from exaconnect.precomputed.empty_outputs import drop_empty_top_mips
+
+        return drop_empty_top_mips(self.layer, self.mip)
 
 
 def _add_arguments(v) -> None:

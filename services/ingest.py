@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from taskqueue import RegisteredTask
@@ -16,6 +16,9 @@ from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, l
 from exaconnect.precomputed.sources import StackSource, absolute_source, check_labels, open_source
 from exaconnect.precomputed.verify import record_checksums
 from exaconnect.services.stages import Stage, StageCommand, register_command
+
+if TYPE_CHECKING:
+    from exaconnect.precomputed.empty_outputs import TakenBack
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,11 @@ class IngestStage(Stage):
 
     def writes(self) -> tuple[str, ...]:
         return (self.dest,)
+
+    def after_failure(self) -> TakenBack | None:
+        from exaconnect.precomputed.empty_outputs import drop_empty_layer
+
+        return drop_empty_layer(self.dest)
 
 
 def _add_arguments(v) -> None:

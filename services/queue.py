@@ -12,12 +12,15 @@ cannot stall a run. `exaconnect queue dead-letters` lists, shows, requeues and p
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from exaconnect.errors import QueueError
+
+log = logging.getLogger(__name__)
 
 
 def queue_url(spec: str) -> str:
@@ -163,6 +166,25 @@ class FailureLedger:
         (self.dead_letter / f"{task_id}.json").unlink(missing_ok=True)
         self.forget(task_id)
 
+    # What a failed stage's clean-up took from its outputs (precomputed/empty_outputs.py), kept
+    # beside the dead letters that were made for it: a requeue puts it back, a purge forgets it.
+    @property
+    def _taken_back_path(self) -> Path:
+        return self.dead_letter / "taken-back.jsonl"
+
+    def keep_taken_back(self, record: dict) -> None:
+        self.dead_letter.mkdir(parents=True, exist_ok=True)
+        with open(self._taken_back_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def taken_back(self) -> list[dict]:
+        if not self._taken_back_path.exists():
+            return []
+        return [json.loads(line) for line in self._taken_back_path.read_text().splitlines() if line.strip()]
+
+    def forget_taken_back(self) -> None:
+        self._taken_back_path.unlink(missing_ok=True)
+
 
 @dataclass(frozen=True)
 class QueueStatus:
@@ -260,6 +282,10 @@ def requeue_dead_letters(spec: str, task_ids: list[str] | None = None, ledger_di
     q = open_queue(spec, create=False)
     ledger = FailureLedger.for_queue(spec, ledger_dir)
     ids = sorted(ledger.dead_ids()) if task_ids is None else task_ids
+    for task_id in ids:
+        ledger.dead_record(task_id)  # every id named exists before anything changes
+    if ids:
+        _put_back_taken(ledger)
     count = 0
     for task_id in ids:
         record = ledger.dead_record(task_id)
@@ -300,4 +326,17 @@ def purge_dead_letters(spec: str, ledger_dir: str | None = None) -> int:
     ids = ledger.dead_ids()
     for task_id in ids:
         ledger.drop(task_id)
+    ledger.forget_taken_back()
     return len(ids)
+
+
+def _put_back_taken(ledger: FailureLedger) -> None:
+    """Restore the outputs' structure the failed stage's clean-up took back (the scales, the info
+    the requeued tasks were made for) before they can run again."""
+    from exaconnect.precomputed.empty_outputs import TakenBack, restore
+
+    for record in ledger.taken_back():
+        taken = TakenBack.from_dict(record)
+        if not restore(taken):
+            log.warning("%s was rewritten since the failed stage's clean-up (%s): left as it is now", taken.url, taken.what)
+    ledger.forget_taken_back()

@@ -462,6 +462,22 @@ def _outputs_gone(stage: Stage, record: dict) -> str:
     return missing_output(record.get("outputs") or {})
 
 
+def _take_back_empty_outputs(stage: Stage, queue: str, ledger_dir: str | None) -> str | None:
+    """After a failure: the stage's clean-up of outputs that hold nothing, kept beside the queue's
+    dead letters for a requeue to restore. Returns what to add to the error message."""
+    from exaconnect.services.queue import FailureLedger
+
+    try:
+        taken = stage.after_failure()
+        if taken is None:
+            return None
+        FailureLedger.for_queue(queue, ledger_dir).keep_taken_back(taken.to_dict())
+    except Exception as exc:  # the stage's own failure is what the user must see first
+        log.warning("stage %s: could not take back its empty outputs: %s", stage.name, exc)
+        return None
+    return f"{taken.what} (`queue dead-letters requeue` puts it back)"
+
+
 def _run_ordered(ordered: list, options: RunnerOptions, store: ArtifactStore, control: StopControl,
                  on_complete: Callable[[Stage, StageResult], None] | None) -> RunReport:
     from exaconnect.services.stage_outputs import existing_outputs
@@ -514,8 +530,14 @@ def _run_ordered(ordered: list, options: RunnerOptions, store: ArtifactStore, co
                     _wait_for_remote(stage, queue, count, options, control)
             if control.stopping and _tasks_left(stage, queue, options):
                 raise _stopped(control, store, stage, queue, options)
-            _check_dead_letters(stage, queue, service_ledger(options, stage.service))
-            _check_all_completed(stage, queue, count, service_ledger(options, stage.service))
+            try:
+                _check_dead_letters(stage, queue, service_ledger(options, stage.service))
+                _check_all_completed(stage, queue, count, service_ledger(options, stage.service))
+            except StageFailed as failed:
+                taken = _take_back_empty_outputs(stage, queue, service_ledger(options, stage.service))
+                if taken:
+                    raise StageFailed(f"{failed}; {taken}") from None
+                raise
         seconds = time.perf_counter() - started
         result = StageResult(stage.name, "done", count, seconds, fp)
         writes = list(stage.writes())

@@ -28,9 +28,12 @@ import json
 import os
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from exaconnect.errors import InputError
+
+if TYPE_CHECKING:
+    from exaconnect.precomputed.empty_outputs import TakenBack
 
 # The order in which `services()` lists ours (the pipeline's order); a lab's follow, by name.
 SERVICE_ORDER = ("montage", "ingest", "downsample", "align", "segment", "mesh", "skeleton", "evaluate", "train")
@@ -101,6 +104,12 @@ class Stage:
 
     def writes(self) -> tuple[str, ...]:
         return ()
+
+    def after_failure(self) -> TakenBack | None:
+        """Called by the runner when the stage failed (tasks dead-lettered or lost): take back
+        what would read as data but holds none (a mip in the info with no chunk written, a layer
+        with no chunk at all), returning what was taken so a requeue can put it back."""
+        return None
 
     # ---- derived
     def parameters(self) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 was expected, exit 2, and nothing written: a queue root that is a file, negative sizes written
 as `-8,8,8`, an unknown `--task-module`, negative thresholds and delays, `layer verify --bbox`
 outside the layer, errors of a run without `--queue` that name its (kept) temporary folder,
-`queue status` telling a task waiting out its retry delay from a leased one, and a request with
-two Host headers."""
+`queue status` telling a task waiting out its retry delay from a leased one, a request with
+two Host headers, and failed stages that would leave an empty mip or an empty layer behind (taken
+back, and put back by a requeue)."""
 
 from __future__ import annotations
 
@@ -142,6 +143,90 @@ def test_a_request_with_two_host_headers_is_refused(tmp_path, volume, capsys):
             while chunk := sock.recv(65536):
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 400") and b"more than one Host header" in answer
+
+
+def _damaged_downsample(tmp_path, capsys, queue: Path) -> tuple[Path, dict[Path, bytes]]:
+    """A layer off the origin whose mip-0 chunks are all truncated, and a downsample over it that
+    failed (every mip-1 task dead-lettered). Returns the layer and the chunks' good bytes."""
+    layer, source = tmp_path / "layer", tmp_path / "small.npy"
+    np.save(source, np.random.default_rng(2).integers(0, 255, (16, 64, 64)).astype(np.uint8))
+    assert _cli(["ingest", "run", source, layer, "--resolution", "8,8,8", "--chunk-size", "32,32,16",
+                 "--voxel-offset", "3,5,7"], capsys)[0] == 0
+    key = json.loads((layer / "info").read_text())["scales"][0]["key"]
+    good = {p: p.read_bytes() for p in (layer / key).iterdir() if not p.name.startswith(".")}
+    for chunk, data in good.items():
+        chunk.write_bytes(data[:40])
+    code, _, err = _cli(["downsample", "run", layer, "--num-mips", "1", "--factor", "2,2,1", "--queue", queue], capsys)
+    assert code == 2 and "dead-lettered" in err and "no longer lists the mips that got no chunk" in err, err
+    return layer, good
+
+
+def test_a_failed_downsample_leaves_no_empty_mip_in_the_info(tmp_path, capsys):
+    """Every task of mip 1 fails (its input chunks are damaged): the info must not go on listing
+    a mip 1 that holds nothing, and a rerun that resumes the failed stage fails the same way."""
+    layer, _ = _damaged_downsample(tmp_path, capsys, tmp_path / "queue")
+    assert len(json.loads((layer / "info").read_text())["scales"]) == 1
+    code, _, err = _cli(["downsample", "run", layer, "--num-mips", "1", "--factor", "2,2,1",
+                         "--queue", tmp_path / "queue"], capsys)
+    assert code == 2 and "dead-lettered" in err, err
+    assert len(json.loads((layer / "info").read_text())["scales"]) == 1
+
+
+def test_a_requeue_puts_back_the_mip_its_tasks_were_made_for(tmp_path, capsys):
+    """Damage repaired, `queue dead-letters requeue` restores the scale the clean-up took back,
+    and the resumed run writes the mip an undisturbed downsample writes."""
+    queue = tmp_path / "queue"
+    layer, good = _damaged_downsample(tmp_path, capsys, queue)
+    for chunk, data in good.items():
+        chunk.write_bytes(data)
+    [service_queue] = {p.parent.parent for p in queue.glob("*/dead-letter/*.json")}
+    assert _cli(["queue", "dead-letters", "requeue", service_queue, "--all"], capsys)[0] == 0
+    assert len(json.loads((layer / "info").read_text())["scales"]) == 2
+    assert _cli(["downsample", "run", layer, "--num-mips", "1", "--factor", "2,2,1", "--queue", queue], capsys)[0] == 0
+
+    undisturbed = tmp_path / "undisturbed"
+    assert _cli(["ingest", "run", tmp_path / "small.npy", undisturbed, "--resolution", "8,8,8",
+                 "--chunk-size", "32,32,16", "--voxel-offset", "3,5,7"], capsys)[0] == 0
+    assert _cli(["downsample", "run", undisturbed, "--num-mips", "1", "--factor", "2,2,1"], capsys)[0] == 0
+    from exaconnect.precomputed.layers import open_layer
+
+    for mip in (0, 1):
+        assert np.array_equal(open_layer(str(layer), mip=mip)[:, :, :], open_layer(str(undisturbed), mip=mip)[:, :, :])
+    assert json.loads((layer / "info").read_text())["scales"] == json.loads((undisturbed / "info").read_text())["scales"]
+
+
+def test_a_restore_leaves_a_layer_rewritten_since_the_clean_up_alone(tmp_path):
+    from exaconnect.precomputed.empty_outputs import TakenBack, restore
+
+    (tmp_path / "info").write_text("rewritten")
+    taken = TakenBack(f"file://{tmp_path}", "a test", {"info": ("before", "after")})
+    assert not restore(taken) and (tmp_path / "info").read_text() == "rewritten"
+    (tmp_path / "info").write_text("after")
+    assert restore(TakenBack.from_dict(taken.to_dict())) and (tmp_path / "info").read_text() == "before"
+
+
+def test_an_ingest_that_wrote_no_chunk_leaves_no_empty_layer(tmp_path, capsys):
+    """Every slab's read fails (a PNG whose pixels do not decode passes the header pre-check): the
+    layer must not be left as an info over nothing."""
+    import struct
+    import zlib
+
+    import imageio.v3 as iio
+
+    folder = tmp_path / "secs"
+    folder.mkdir()
+    for z in range(3):
+        iio.imwrite(folder / f"s{z:03d}.png", np.random.default_rng(z).integers(0, 255, (29, 37)).astype(np.uint8))
+    for path in folder.iterdir():
+        data = bytearray(path.read_bytes())
+        at = data.index(b"IDAT")
+        length = struct.unpack(">I", data[at - 4: at])[0]
+        data[at + 4: at + 4 + length] = bytes(length)
+        data[at + 4 + length: at + 8 + length] = struct.pack(">I", zlib.crc32(bytes(data[at: at + 4 + length])))
+        path.write_bytes(bytes(data))
+    code, _, err = _cli(["ingest", "run", folder, tmp_path / "layer", "--resolution", "8,8,8"], capsys)
+    assert code == 2 and "s000.png" in err and "got no chunk and its info was removed" in err, err
+    assert not (tmp_path / "layer" / "info").exists()
 
 
 def test_a_resumed_run_releases_dead_workers_leases_but_not_retry_delays(tmp_path):

@@ -47,22 +47,23 @@ def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None =
     from exaconnect.ffn.inference import segment_subvolume
     from exaconnect.ffn.predictor import load_model
 
+    image_layer, out_layer = layer_url(image_layer), layer_url(out_layer)
     image_vol = open_layer(image_layer, layer_type="image")
     bounds = layer_bounds(image_vol)
     box = bbox or bounds
-    require_inside(box, bounds, f"--bbox for image layer {layer_url(image_layer)}")
+    require_inside(box, bounds, f"--bbox for image layer {image_layer}")
     if image_vol.dtype != np.uint8:
-        raise InputError(f"image layer {layer_url(image_layer)} is {image_vol.dtype}; the FFN takes uint8 EM")
+        raise InputError(f"image layer {image_layer} is {image_vol.dtype}; the FFN takes uint8 EM")
     predictor = load_model(model, config_overrides=options or None, device=device)
     # The output layers are created (or found compatible) before the minutes of inference, so a
     # layer that cannot take the result fails now rather than after the work is done.
     parameters = {"model": str(model), "bbox": str(box), "options": options or {}, "fill_unsegmented": fill}
-    provenance = Provenance("segment", parameters, [layer_url(image_layer), str(model)])
+    provenance = Provenance("segment", parameters, [image_layer, str(model)])
     out_vol = create_layer(out_layer, output_spec(image_vol), provenance)
     prob_vol = None
     if probabilities_layer:
         prob_vol = create_layer(probabilities_layer, output_spec(image_vol, "uint8", "image"),
-                                Provenance("segment-probabilities", parameters, [layer_url(image_layer)]))
+                                Provenance("segment-probabilities", parameters, [image_layer]))
     image = read_box(image_vol, box)
     result = segment_subvolume(image, predictor, progress=progress)
     labels = result.labels
@@ -79,8 +80,8 @@ def segment_box(image_layer: str, out_layer: str, model: str, bbox: Box | None =
         write_box(prob_vol, box, result.probabilities)
         record_checksums(prob_vol, box)
     summary = {
-        "image_layer": layer_url(image_layer),
-        "segmentation_layer": layer_url(out_layer),
+        "image_layer": image_layer,
+        "segmentation_layer": out_layer,
         "bbox": str(box),
         "objects": len(result.objects),
         "unsegmented_fraction": round(unsegmented, 6),

@@ -32,9 +32,27 @@ REMOTE_PREFIXES = ("gs://", "s3://", "http://", "https://", "file://", "mem://",
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
-def layer_url(path: str) -> str:
+class LayerUrl(str):
+    """A layer's one name, as `layer_url` makes it (`file:///abs/path`, `gs://bucket/x`, ...).
+
+    Made once at the edge (the CLI's layer arguments, a stage's layer fields, the pipeline file's
+    layers), it travels as itself: `layer_url` of a LayerUrl returns it unchanged, so code below
+    the edge can take a `LayerUrl` parameter and use it as it is. It is a str, so it serialises
+    into task payloads and JSON like any name.
+    """
+
+    __slots__ = ()
+
+
+def layer_url(path: str) -> LayerUrl:
     """A plain local path becomes an absolute `file://` URL; URLs pass through unchanged; a URL
     of any other scheme is an InputError."""
+    if isinstance(path, LayerUrl):
+        return path
+    return LayerUrl(_normalised(path))
+
+
+def _normalised(path: str) -> str:
     text = str(path)
     if text.startswith("precomputed://"):
         text = text[len("precomputed://") :]

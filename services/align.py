@@ -29,8 +29,8 @@ from exaconnect.errors import InputError, LayerError
 from exaconnect.precomputed.bbox import Box, chunk_grid
 from exaconnect.precomputed.store import ArtifactStore
 from exaconnect.precomputed.verify import record_checksums, require_complete
-from exaconnect.precomputed.layers import (LayerSpec, Provenance, create_layer, layer_bounds, layer_url, local_path,
-                                           open_layer, read_box, write_box)
+from exaconnect.precomputed.layers import (LayerSpec, LayerUrl, Provenance, create_layer, layer_bounds, layer_url,
+                                           local_path, open_layer, read_box, write_box)
 from exaconnect.align.match import AlignConfig, finalize_meshes, match_section
 from exaconnect.services.stages import Stage
 from exaconnect.align.mesh import SectionFlow, block_ranges, solve_block
@@ -61,7 +61,7 @@ def _npz_bytes(**arrays) -> bytes:
 def _load_npz(layer: str, key: str) -> dict:
     raw = get_file(layer, key)
     if raw is None:
-        raise LayerError(f"layer {layer_url(layer)}: {key} is missing; run the earlier align stage first")
+        raise LayerError(f"layer {layer}: {key} is missing; run the earlier align stage first")
     with np.load(io.BytesIO(raw), allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 
@@ -69,7 +69,7 @@ def _load_npz(layer: str, key: str) -> dict:
 def load_config(dest: str) -> AlignConfig:
     raw = get_file(dest, f"{ALIGN_DIR}/config.json")
     if raw is None:
-        raise LayerError(f"layer {layer_url(dest)}: no {ALIGN_DIR}/config.json; enqueue the align flow stage first")
+        raise LayerError(f"layer {dest}: no {ALIGN_DIR}/config.json; enqueue the align flow stage first")
     return AlignConfig.from_dict(json.loads(raw))
 
 
@@ -227,6 +227,7 @@ class AlignBlockTask(RegisteredTask):
 def create_align_block_tasks(dest: str) -> list[AlignBlockTask]:
     """One task per block; the blocks (anchored on well-matched sections, which needs the flow
     stage's results) are recorded in `align/blocks.json` for the compose stage."""
+    dest = layer_url(dest)
     config = load_config(dest)
     bounds = layer_bounds(open_layer(dest))
     width, height, depth = bounds.shape
@@ -234,7 +235,7 @@ def create_align_block_tasks(dest: str) -> list[AlignBlockTask]:
     ranges = block_ranges(depth, config.mesh, {z: r["reference"] for z, r in reports.items()},
                           {z: r["status"] for z, r in reports.items()})
     put_file(dest, f"{ALIGN_DIR}/blocks.json", json.dumps(ranges).encode())
-    return [AlignBlockTask(layer_url(dest), a, b, height, width) for a, b in ranges]
+    return [AlignBlockTask(dest, a, b, height, width) for a, b in ranges]
 
 
 # ---------------------------------------------------------------- stage 3: compose
@@ -251,7 +252,7 @@ class AlignComposeTask(RegisteredTask):
         width, height, depth = bounds.shape
         ranges = json.loads(get_file(self.dest, f"{ALIGN_DIR}/blocks.json") or b"null")
         if ranges is None:
-            raise LayerError(f"layer {layer_url(self.dest)}: no {ALIGN_DIR}/blocks.json; run the align mesh stage first")
+            raise LayerError(f"layer {self.dest}: no {ALIGN_DIR}/blocks.json; run the align mesh stage first")
         blocks = []
         for start, _ in ranges:
             data = _load_npz(self.dest, _block_key(start))
@@ -332,12 +333,12 @@ class AlignRenderTask(RegisteredTask):
 
 
 def create_align_render_tasks(src: str, dest: str, task_shape: tuple[int, int, int] | None = None) -> list[AlignRenderTask]:
+    src, dest = layer_url(src), layer_url(dest)
     load_meshes(dest)  # fail now, not in every task, if compose has not run
     dest_vol = open_layer(dest)
     chunk = tuple(dest_vol.info["scales"][0]["chunk_sizes"][0])
     shape = task_shape or (chunk[0] * 4, chunk[1] * 4, chunk[2])
-    src_url, dest_url = layer_url(src), layer_url(dest)
-    return [AlignRenderTask(src_url, dest_url, cell.write.to_list())
+    return [AlignRenderTask(src, dest, cell.write.to_list())
             for cell in chunk_grid(layer_bounds(dest_vol), shape, align_to=chunk)]
 
 
@@ -346,7 +347,7 @@ def create_align_render_tasks(src: str, dest: str, task_shape: tuple[int, int, i
 STAGES = ("flow", "mesh", "compose", "render", "report")
 
 
-def stage_tasks(stage: str, src: str, dest: str, config: AlignConfig | None = None) -> list:
+def stage_tasks(stage: str, src: LayerUrl, dest: LayerUrl, config: AlignConfig | None = None) -> list:
     if stage == "flow":
         return create_align_flow_tasks(src, dest, config or AlignConfig())
     if stage == "mesh":
@@ -356,7 +357,7 @@ def stage_tasks(stage: str, src: str, dest: str, config: AlignConfig | None = No
     if stage == "render":
         return create_align_render_tasks(src, dest)
     if stage == "report":
-        return [AlignReportTask(layer_url(src), layer_url(dest))]
+        return [AlignReportTask(src, dest)]
     raise InputError(f"align stage {stage!r}: expected one of {STAGES}")
 
 
@@ -368,8 +369,8 @@ class AlignStep(Stage):
 
     service: ClassVar[str] = "align"
     stage_name: ClassVar[str] = "align"
-    src: str
-    dest: str
+    src: LayerUrl
+    dest: LayerUrl
     config: Any = None  # AlignConfig, or one resolved when the step starts (see _resolve)
     step: str = "flow"
     previous: Stage | None = None
@@ -421,9 +422,9 @@ class AlignApply(Stage):
     service: ClassVar[str] = "align"
     stage_name: ClassVar[str] = "align.apply"
     description: ClassVar[str] = "a layer through the alignment"
-    src: str
-    dest: str
-    alignment: str
+    src: LayerUrl
+    dest: LayerUrl
+    alignment: LayerUrl
     order: int = 0
 
     def make_tasks(self) -> list:
@@ -448,8 +449,8 @@ def align_stack_through_queue(src: str, dest: str, queue: str, workers: int = 1,
     queues under `queue`; returns seconds per stage; raises if a task dead-letters."""
     from exaconnect.services.runner import RunnerOptions, run_stages
 
-    chosen = align_stages(layer_url(src), layer_url(dest), config, steps=stages)
-    report = run_stages(chosen, RunnerOptions(queue, f"{layer_url(dest)}/{ALIGN_DIR}/run", workers=workers,
+    chosen = align_stages(src, dest, config, steps=stages)  # the stages make the names URLs
+    report = run_stages(chosen, RunnerOptions(queue, f"{chosen[0].dest}/{ALIGN_DIR}/run", workers=workers,
                                               progress=False))
     return {name.split(".", 1)[1]: seconds for name, seconds in report.seconds.items()}
 
@@ -483,17 +484,18 @@ class AlignApplyTask(RegisteredTask):
 
 def create_align_apply_tasks(src: str, dest: str, alignment: str, order: int = 0) -> list[AlignApplyTask]:
     """Create `dest` with `src`'s geometry and one task per chunk-aligned box."""
+    src, dest, alignment = layer_url(src), layer_url(dest), layer_url(alignment)
     load_meshes(alignment)
     src_vol = open_layer(src)
     bounds = layer_bounds(src_vol)
     scale = src_vol.info["scales"][0]
     spec = LayerSpec(src_vol.info["type"], np.dtype(src_vol.dtype).name, bounds.shape, tuple(scale["resolution"]),
                      bounds.start, tuple(scale["chunk_sizes"][0]))
-    create_layer(dest, spec, Provenance("align-apply", {"alignment": layer_url(alignment), "order": order},
-                                        [layer_url(src), layer_url(alignment)]), overwrite=True)
+    create_layer(dest, spec, Provenance("align-apply", {"alignment": alignment, "order": order}, [src, alignment]),
+                 overwrite=True)
     chunk = spec.chunk_size
     shape = (chunk[0] * 4, chunk[1] * 4, chunk[2])
-    return [AlignApplyTask(layer_url(src), layer_url(dest), layer_url(alignment), cell.write.to_list(), order)
+    return [AlignApplyTask(src, dest, alignment, cell.write.to_list(), order)
             for cell in chunk_grid(bounds, shape, align_to=chunk)]
 
 

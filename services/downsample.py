@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from exaconnect.errors import InputError, LayerError
 from exaconnect.precomputed.bbox import Box, parse_triple, require_inside
-from exaconnect.precomputed.layers import (Provenance, add_provenance, chunk_compression, layer_bounds, layer_url,
-                                           open_layer)
+from exaconnect.precomputed.layers import (LayerUrl, Provenance, add_provenance, chunk_compression, layer_bounds,
+                                           layer_url, open_layer)
 from exaconnect.precomputed.verify import require_complete
 from exaconnect.services.stages import (Stage, StageCommand, at_least, add_allow_missing_argument, layer_argument,
                                         register_command)
@@ -81,7 +81,7 @@ class DownsampleStage(Stage):
     service: ClassVar[str] = "downsample"
     stage_name: ClassVar[str] = "downsample.pyramid"
     description: ClassVar[str] = "image pyramid"
-    layer: str
+    layer: LayerUrl
     num_mips: int = 2
     mip: int = 0
     bbox: Box | None = None

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from taskqueue import RegisteredTask
 
 from exaconnect.precomputed.bbox import Box
 from exaconnect.precomputed.store import ArtifactStore
 from exaconnect.services.stages import Stage
+
+if TYPE_CHECKING:
+    from exaconnect.precomputed.layers import LayerUrl
 
 
 class EvaluateTask(RegisteredTask):
@@ -70,8 +73,8 @@ class EvaluateStage(Stage):
     service: ClassVar[str] = "evaluate"
     stage_name: ClassVar[str] = "evaluate"
     description: ClassVar[str] = "VI, adapted Rand error and expected run length against ground truth, beside baselines"
-    segmentation: str
-    groundtruth: str
+    segmentation: LayerUrl
+    groundtruth: LayerUrl
     store: str
     key: str = "evaluate/scores.json"
     bbox: Box | None = None
@@ -82,7 +85,7 @@ class EvaluateStage(Stage):
     merge_min_nodes: int = 1
     # The segmented image: an empty segmentation and a seeded watershed of it (WatershedParameters
     # fields in `watershed`, default if None) are scored beside the segmentation, as `baselines`.
-    image: str | None = None
+    image: LayerUrl | None = None
     watershed: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:

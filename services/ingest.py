@@ -12,7 +12,8 @@ from taskqueue import RegisteredTask
 
 from exaconnect.errors import InputError
 from exaconnect.precomputed.bbox import Box, Triple, parse_resolution, parse_triple
-from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, layer_url, open_layer, write_box
+from exaconnect.precomputed.layers import (LayerSpec, LayerUrl, Provenance, create_layer, layer_url, open_layer,
+                                           write_box)
 from exaconnect.precomputed.sources import StackSource, absolute_source, check_labels, open_source
 from exaconnect.precomputed.verify import record_checksums
 from exaconnect.services.stages import Stage, StageCommand, register_command
@@ -126,7 +127,7 @@ class IngestStage(Stage):
     stage_name: ClassVar[str] = "ingest.slabs"
     description: ClassVar[str] = "sections -> precomputed"
     src: str
-    dest: str
+    dest: LayerUrl
     options: IngestOptions
 
     def __post_init__(self) -> None:

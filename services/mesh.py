@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from exaconnect.precomputed.bbox import parse_triple
-from exaconnect.precomputed.layers import Provenance, add_provenance, layer_url, open_layer
+from exaconnect.precomputed.layers import LayerUrl, Provenance, add_provenance, layer_url, open_layer
 from exaconnect.precomputed.verify import require_complete
 from exaconnect.services.stages import (Stage, StageCommand, at_least, add_allow_missing_argument, layer_argument,
                                         register_command)
@@ -48,7 +48,7 @@ class MeshForge(Stage):
     service: ClassVar[str] = "mesh"
     stage_name: ClassVar[str] = "mesh.forge"
     description: ClassVar[str] = "mesh fragments per box"
-    layer: str
+    layer: LayerUrl
     mip: int = 0
     shape: tuple[int, int, int] = (256, 256, 256)
     simplification_error: float = 40.0

@@ -18,7 +18,8 @@ from scipy import ndimage
 from taskqueue import RegisteredTask
 
 from exaconnect.errors import InputError
-from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, layer_bounds, layer_url, open_layer, read_box, write_box
+from exaconnect.precomputed.layers import (LayerSpec, LayerUrl, Provenance, create_layer, layer_bounds, layer_url,
+                                           open_layer, read_box, write_box)
 from exaconnect.precomputed.store import ArtifactStore
 from exaconnect.services.stages import Stage
 
@@ -81,11 +82,14 @@ def _like(src: str, dest: str, stage: str, parameters: dict) -> None:
     scale = vol.info["scales"][0]
     spec = LayerSpec(vol.info["type"], np.dtype(vol.dtype).name, bounds.shape, tuple(scale["resolution"]),
                      bounds.start, tuple(scale["chunk_sizes"][0]))
-    create_layer(dest, spec, Provenance(stage, parameters, [layer_url(src)]), overwrite=True)
+    create_layer(dest, spec, Provenance(stage, parameters, [src]), overwrite=True)
 
 
 def create_misalign_tasks(src: str, dest: str, options: dict, seed: int = 0, labels_src: str | None = None,
                           labels_dest: str | None = None) -> list[MisalignTask]:
+    src, dest = layer_url(src), layer_url(dest)
+    labels_src = layer_url(labels_src) if labels_src else None
+    labels_dest = layer_url(labels_dest) if labels_dest else None
     bounds = layer_bounds(open_layer(src))
     side = min(bounds.shape[:2])
     options = {"elastic_control_spacing": max(32, side // 2), **options}
@@ -96,8 +100,7 @@ def create_misalign_tasks(src: str, dest: str, options: dict, seed: int = 0, lab
     _like(src, dest, "misalign", {**options, "seed": seed})
     if labels_src:
         _like(labels_src, labels_dest, "misalign", {**options, "seed": seed})
-    return [MisalignTask(layer_url(src), layer_url(dest), options, seed,
-                         layer_url(labels_src) if labels_src else None, layer_url(labels_dest) if labels_dest else None)]
+    return [MisalignTask(src, dest, options, seed, labels_src, labels_dest)]
 
 
 @dataclass(frozen=True)
@@ -107,12 +110,12 @@ class MisalignStage(Stage):
     service: ClassVar[str] = "align"
     stage_name: ClassVar[str] = "misalign"
     description: ClassVar[str] = "misalign on purpose"
-    src: str
-    dest: str
+    src: LayerUrl
+    dest: LayerUrl
     options: Mapping[str, Any]
     seed: int = 0
-    labels_src: str | None = None
-    labels_dest: str | None = None
+    labels_src: LayerUrl | None = None
+    labels_dest: LayerUrl | None = None
 
     def make_tasks(self) -> list:
         return create_misalign_tasks(self.src, self.dest, dict(self.options), self.seed, self.labels_src,

@@ -36,7 +36,8 @@ from exaconnect.montage.report import seam_figure
 from exaconnect.montage.section import (MontageConfig, measure_section, placed_tiles, section_bounds,
                                         solve_section, tile_margins)
 from exaconnect.precomputed.bbox import Box, Triple, chunk_grid, parse_resolution, parse_triple
-from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, layer_url, open_layer, write_box
+from exaconnect.precomputed.layers import (LayerSpec, LayerUrl, Provenance, create_layer, layer_url, open_layer,
+                                           write_box)
 from exaconnect.precomputed.store import ArtifactStore
 from exaconnect.precomputed.verify import record_checksums
 from exaconnect.services.stages import Stage, StageCommand, layer_argument, register_command
@@ -51,21 +52,21 @@ def _key(kind: str, z: int, suffix: str = "json") -> str:
 def load_tile_set(layer: str) -> TileSet:
     raw = ArtifactStore(layer).get(f"{MONTAGE_DIR}/tiles.json")
     if raw is None:
-        raise LayerError(f"layer {layer_url(layer)}: no {MONTAGE_DIR}/tiles.json; run the montage match stage first")
+        raise LayerError(f"layer {layer}: no {MONTAGE_DIR}/tiles.json; run the montage match stage first")
     return TileSet.from_dict(json.loads(raw))
 
 
 def load_config(layer: str) -> MontageConfig:
     raw = ArtifactStore(layer).get(f"{MONTAGE_DIR}/config.json")
     if raw is None:
-        raise LayerError(f"layer {layer_url(layer)}: no {MONTAGE_DIR}/config.json; run the montage match stage first")
+        raise LayerError(f"layer {layer}: no {MONTAGE_DIR}/config.json; run the montage match stage first")
     return MontageConfig.from_dict(json.loads(raw))
 
 
 def load_section(layer: str, kind: str, z: int) -> dict:
     data = ArtifactStore(layer).get_json(_key(kind, z))
     if data is None:
-        raise LayerError(f"layer {layer_url(layer)}: {_key(kind, z)} is not complete; run the montage {kind} stage first")
+        raise LayerError(f"layer {layer}: {_key(kind, z)} is not complete; run the montage {kind} stage first")
     return data
 
 
@@ -130,14 +131,15 @@ def _require(layer: str, kind: str, sections: list[int]) -> None:
     store = ArtifactStore(layer)
     missing = [z for z in sections if not store.is_complete(_key(kind, z))]
     if missing:
-        raise LayerError(f"layer {layer_url(layer)}: montage {kind} results missing for sections {missing[:10]}"
+        raise LayerError(f"layer {layer}: montage {kind} results missing for sections {missing[:10]}"
                          f"{' ...' if len(missing) > 10 else ''}; run the montage {kind} stage first")
 
 
 def create_montage_solve_tasks(layer: str) -> list[MontageSolveTask]:
+    layer = layer_url(layer)
     sections = _sections(layer)
     _require(layer, "match", sections)
-    return [MontageSolveTask(layer_url(layer), z) for z in sections]
+    return [MontageSolveTask(layer, z) for z in sections]
 
 
 # ---------------------------------------------------------------- stage 3: render
@@ -228,9 +230,10 @@ class MontageReportTask(RegisteredTask):
 
 
 def create_montage_report_tasks(layer: str) -> list[MontageReportTask]:
+    layer = layer_url(layer)
     sections = _sections(layer)
     _require(layer, "solve", sections)
-    return [MontageReportTask(layer_url(layer), z) for z in sections]
+    return [MontageReportTask(layer, z) for z in sections]
 
 
 def load_report(layer: str, z: int) -> dict:
@@ -248,7 +251,7 @@ class MontageMatch(Stage):
     description: ClassVar[str] = "montage: neighbour tile offsets"
     lease_seconds: ClassVar[int] = 1800
     tiles: str
-    layer: str
+    layer: LayerUrl
     config: MontageConfig = MontageConfig()
     rules: ManifestRules = ManifestRules()
 
@@ -256,7 +259,6 @@ class MontageMatch(Stage):
         super().__post_init__()
         # Workers may start elsewhere (a pod, a PBS job): the manifest is stored absolute.
         object.__setattr__(self, "tiles", os.path.abspath(os.path.expanduser(str(self.tiles))))
-        object.__setattr__(self, "layer", layer_url(self.layer))
 
     def make_tasks(self) -> list:
         return create_montage_match_tasks(self.tiles, self.layer, self.config, self.rules)

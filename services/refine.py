@@ -167,7 +167,7 @@ def _plan_from(kind: str, data: dict) -> ReseedPlan | AgglomeratePlan:
 def load_plan(staging: str, kind: str) -> Any:
     data = ArtifactStore(staging).get_json(f"{kind}.json")
     if data is None:
-        raise LayerError(f"{layer_url(staging)}/{kind}.json not found; expected the staging folder of a refine pass")
+        raise LayerError(f"{staging}/{kind}.json not found; expected the staging folder of a refine pass")
     return _plan_from(kind, data)
 
 

@@ -133,6 +133,7 @@ def prepare_run(
     overwrite: bool = False,
 ) -> SegmentRun:
     """Validate the geometry, create the segmentation layer and the run's manifest."""
+    image_layer, out = layer_url(image_layer), layer_url(segmentation_layer)
     image = open_layer(image_layer, layer_type="image")
     bounds = layer_bounds(image)
     box = bbox or bounds
@@ -144,7 +145,7 @@ def prepare_run(
         if subvolume[axis] % chunk[axis]:
             raise InputError(f"--subvolume {subvolume}: not a multiple of the layer chunk size {chunk} in {'xyz'[axis]}")
         if (box.start[axis] - bounds.start[axis]) % chunk[axis]:
-            raise InputError(f"--bbox {box}: start is not on the chunk grid {chunk} of {layer_url(image_layer)}")
+            raise InputError(f"--bbox {box}: start is not on the chunk grid {chunk} of {image_layer}")
         if overlap[axis] < 0 or overlap[axis] >= subvolume[axis]:
             raise InputError(f"--overlap {overlap}: expected 0 <= overlap < subvolume in every axis")
     # The segmentation layer covers the box segmented, not the whole image: every stage after it
@@ -159,13 +160,12 @@ def prepare_run(
         voxel_offset=box.start,
         chunk_size=chunk,  # type: ignore[arg-type]
     )
-    out = layer_url(segmentation_layer)
     staging = layer_url(staging) if staging else default_staging(out)
     grid = SegmentGrid(box, tuple(subvolume), tuple(overlap))  # type: ignore[arg-type]
     provenance = Provenance("segment", {"grid": grid.to_dict(), "staging": staging, "match": dataclasses.asdict(match)},
-                            [layer_url(image_layer)])
+                            [image_layer])
     create_layer(out, spec, provenance, overwrite=overwrite)
-    run = SegmentRun(layer_url(image_layer), out, staging, grid, match)
+    run = SegmentRun(image_layer, out, staging, grid, match)
     try:
         existing = load_run(staging)
     except LayerError:

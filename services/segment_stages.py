@@ -21,7 +21,7 @@ from typing import ClassVar
 from exaconnect.errors import InputError
 
 from exaconnect.precomputed.bbox import Box, Triple
-from exaconnect.precomputed.layers import layer_url
+from exaconnect.precomputed.layers import LayerUrl, layer_url
 from exaconnect.precomputed.stitching import MatchOptions
 from exaconnect.services.segment_staging import PassSpec, SegmentRun, default_staging, load_run
 from exaconnect.services.stages import Stage
@@ -31,13 +31,13 @@ STITCH_STAGES = ("faces", "equivalence", "relabel")
 
 @dataclass(frozen=True)
 class SegmentPlan:
-    image_layer: str
-    segmentation_layer: str
+    image_layer: LayerUrl
+    segmentation_layer: LayerUrl
     passes: tuple[PassSpec, ...]
     subvolume: Triple = (256, 256, 256)
     overlap: Triple = (32, 32, 32)
     bbox: Box | None = None
-    staging: str | None = None
+    staging: LayerUrl | None = None
     match: MatchOptions = MatchOptions()
     downsample_mips: int = 2
     overwrite: bool = True

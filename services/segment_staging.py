@@ -161,7 +161,7 @@ def save_run(run: SegmentRun) -> None:
 def load_run(staging: str) -> SegmentRun:
     data = store(staging).get_json(MANIFEST)
     if data is None:
-        raise LayerError(f"{layer_url(staging)}/{MANIFEST} not found; expected the staging folder of a segment run")
+        raise LayerError(f"{staging}/{MANIFEST} not found; expected the staging folder of a segment run")
     return SegmentRun.from_dict(data)
 
 
@@ -226,10 +226,10 @@ def read_array(staging: str, path: str, mmap: bool = False) -> np.ndarray:
     if mmap and local is not None:
         done = files.marker(path)
         if done is None:
-            raise LayerError(f"{layer_url(staging)}/{path} is not complete (no .done marker)")
+            raise LayerError(f"{staging}/{path} is not complete (no .done marker)")
         array = np.load(local, mmap_mode="r")
         # A full hash would read the whole file; size is what a torn write changes.
         if os.path.getsize(local) != done["bytes"]:
-            raise LayerError(f"{layer_url(staging)}/{path} does not match its .done marker")
+            raise LayerError(f"{staging}/{path} does not match its .done marker")
         return array
     return np.load(io.BytesIO(get_complete(staging, path)), allow_pickle=False)

@@ -91,6 +91,7 @@ class Stage:
             object.__setattr__(self, "lease_seconds", int(self.lease))
         if not _valid_name(self.name):
             raise InputError(f"stage name {self.name!r}: expected a non-empty name without '/', '\\' or spaces")
+        _normalise_layer_fields(self)
 
     # ---- what a subclass provides
     def requires(self) -> tuple["Stage", ...]:
@@ -117,6 +118,19 @@ class Stage:
         field counts by its name (its own parameters reach the fingerprint through `requires()`)."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.name != "name" and f.metadata.get("fingerprint", True)}
+
+
+def _normalise_layer_fields(stage: "Stage") -> None:
+    """Every field declared `LayerUrl` (or `LayerUrl | None`) holds the layer's one name from
+    construction on, however the stage was made (CLI, pipeline file, a lab's code): the services
+    and tasks below use it as it is."""
+    from exaconnect.precomputed.layers import layer_url
+
+    for f in dataclasses.fields(stage):
+        if "LayerUrl" in str(f.type):
+            value = getattr(stage, f.name)
+            if value is not None and value != "":
+                object.__setattr__(stage, f.name, layer_url(value))
 
 
 def _plain(value: Any) -> Any:

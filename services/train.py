@@ -135,6 +135,7 @@ class PartitionTask(RegisteredTask):
 def create_partition_tasks(labels: str, dest: str, lom_radius_zyx, thresholds, min_size: int = 10000,
                            block_size=(128, 128, 128), bbox: Box | None = None) -> list[PartitionTask]:
     """Creates the partition layer (uint8 image, same geometry as `labels`) and one task per block."""
+    labels, dest = layer_url(labels), layer_url(dest)
     labels_vol = open_layer(labels, layer_type="segmentation")
     bounds = layer_bounds(labels_vol)
     box = bounds if bbox is None else bbox.intersection(bounds)
@@ -145,9 +146,9 @@ def create_partition_tasks(labels: str, dest: str, lom_radius_zyx, thresholds, m
                      voxel_offset=tuple(bounds.start), chunk_size=tuple(int(c) for c in block_size), encoding="raw")
     provenance = Provenance(stage="train-partition", parameters={
         "lom_radius_zyx": list(lom_radius_zyx), "thresholds": list(thresholds), "min_size": min_size},
-        inputs=[layer_url(labels)])
+        inputs=[labels])
     create_layer(dest, spec, provenance)
-    return [PartitionTask(layer_url(labels), layer_url(dest), cell.write.to_list(),
+    return [PartitionTask(labels, dest, cell.write.to_list(),
                           [int(r) for r in lom_radius_zyx], [float(t) for t in thresholds], int(min_size))
             for cell in chunk_grid(box, block_size, align_to=block_size, grid_origin=bounds.start)]
 

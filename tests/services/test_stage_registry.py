@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -185,3 +186,34 @@ def test_segment_run_then_run_resumes_the_same_work(tmp_path):
     for name in ("segment.initial", "segment.faces", "segment.equivalence", "segment.relabel", "pyramid.segmentation"):
         assert stages[name]["status"] == "skipped", (name, stages)
     assert stages["pyramid.image"]["status"] == "done"  # only the pipeline's own stage ran
+
+
+def test_a_stage_field_declared_layer_url_holds_the_layers_one_name(tmp_path, monkeypatch):
+    """However a stage is made (a relative path, `precomputed://`, a URL), its layer fields hold
+    the one name its tasks and records carry; the fingerprint is the same for every spelling."""
+    from dataclasses import dataclass
+
+    from exaconnect.precomputed.layers import LayerUrl, layer_url
+    from exaconnect.services import stages as registry
+    from exaconnect.services.stages import Stage, fingerprint
+
+    monkeypatch.setattr(registry, "STAGE_TYPES", dict(registry.STAGE_TYPES))  # the probe stays out of the registry
+
+    @dataclass(frozen=True)
+    class Probe(Stage):
+        service: ClassVar[str] = "probe"
+        stage_name: ClassVar[str] = "probe.layers"
+        layer: LayerUrl
+        other: LayerUrl | None = None
+        label: str = "kept/as given"
+
+    monkeypatch.chdir(tmp_path)
+    spellings = [Probe(layer="sub/layer"), Probe(layer=f"precomputed://{tmp_path}/sub/layer"),
+                 Probe(layer=f"file://{tmp_path}/sub/layer/")]
+    for stage in spellings:
+        assert stage.layer == f"file://{tmp_path}/sub/layer" and isinstance(stage.layer, LayerUrl)
+        assert stage.other is None and stage.label == "kept/as given"
+    assert len({fingerprint(stage, []) for stage in spellings}) == 1
+    assert layer_url(spellings[0].layer) is spellings[0].layer
+    with pytest.raises(InputError, match="unsupported URL scheme ftp://"):
+        Probe(layer="ftp://host/layer")

@@ -494,14 +494,12 @@ def print_summary(summary: dict) -> None:
               f"{a.get('median_residual_flow_px', float('nan')):.2f} px, p95 {a.get('p95_residual_flow_px', float('nan')):.2f} px; "
               f"problem sections {a.get('problem_sections')}")
     if summary.get("scores"):
+        from exaconnect.precomputed.evaluate_report import baseline_lines, voxel_scores
+
         s = summary["scores"]
-        print(f"[run] segmentation vs ground truth: VI {s['vi']:.3f} (split {s['vi_split']:.3f}, merge {s['vi_merge']:.3f}), "
-              f"adapted Rand error {s['adapted_rand_error']:.3f}")
-        for key, what in (("empty", "empty segmentation (one segment)"), ("watershed", "watershed of the image")):
-            b = (s.get("baselines") or {}).get(key)
-            if b:
-                print(f"[run] baseline, {what}: VI {b['vi']:.3f} (split {b['vi_split']:.3f}, merge {b['vi_merge']:.3f}), "
-                      f"adapted Rand error {b['adapted_rand_error']:.3f}")
+        print(f"[run] segmentation vs ground truth: {voxel_scores(s)}")
+        for line in baseline_lines(s):
+            print(f"[run] {line}")
         if "erl" in s:
             print(f"[run] skeletons: expected run length {s['erl'] / 1000:.3f} um of {s['erl_max'] / 1000:.3f} um possible, "
                   f"{s['skeleton_merging_segments']} merging segments, {s['skeleton_omitted_length_fraction']:.0%} "

@@ -212,6 +212,20 @@ def read_image(spec: str, like: LabelVolume) -> np.ndarray:
     return read_box(vol, box)
 
 
+BASELINES = (("empty", "empty segmentation (one segment)"), ("watershed", "watershed of the image"))
+
+
+def voxel_scores(metrics: dict) -> str:
+    return (f"VI {metrics['vi']:.3f} (split {metrics['vi_split']:.3f}, merge {metrics['vi_merge']:.3f}), "
+            f"adapted Rand error {metrics['adapted_rand_error']:.3f}")
+
+
+def baseline_lines(metrics: dict) -> list[str]:
+    """'baseline, WHAT: VI ...' for each baseline scored beside the segmentation."""
+    found = metrics.get("baselines") or {}
+    return [f"baseline, {what}: {voxel_scores(found[key])}" for key, what in BASELINES if found.get(key)]
+
+
 def evaluate(segmentation_spec: str, groundtruth_spec: str, bbox: Box | None = None, out: str | None = None,
              ignore_segmentation_zero: bool = False, skeletons: SkeletonOptions | None = None,
              ignore_groundtruth_zero: bool = True, image_spec: str | None = None,

@@ -1,7 +1,8 @@
 """`exaconnect evaluate SEGMENTATION GROUNDTRUTH`: VI (split, merge), adapted Rand error,
 split and merged bodies, and with ground-truth skeletons (`--skeletons LAYER` or
 `--skeletonize-groundtruth`) expected run length, merging segments, split and omitted edges;
-as JSON and a PNG."""
+with `--image` the same scores of two baselines on the box (an empty segmentation, a watershed of
+the image), so a score can be read against what no work and little work give; as JSON and a PNG."""
 
 from __future__ import annotations
 
@@ -40,16 +41,17 @@ def skeleton_options(args: argparse.Namespace):
 
 
 def summary(metrics: dict) -> str:
-    """One line a person reads; the JSON on stdout has everything."""
-    line = (f"VI {metrics['vi']:.3f} (split {metrics['vi_split']:.3f}, merge {metrics['vi_merge']:.3f}), "
-            f"adapted Rand error {metrics['adapted_rand_error']:.3f}")
+    """What a person reads; the JSON on stdout has everything."""
+    from exaconnect.precomputed.evaluate_report import baseline_lines, voxel_scores
+
+    line = voxel_scores(metrics)
     if "erl" in metrics:
         line += (f"; ERL {metrics['erl'] / 1000:.3f} um of {metrics['erl_max'] / 1000:.3f} um possible "
                  f"({metrics['skeleton_count']} skeletons, {metrics['skeleton_length'] / 1000:.1f} um), "
                  f"{metrics['skeleton_merging_segments']} merging segments, "
                  f"{metrics['skeleton_split_edges']} split edges, "
                  f"{100 * metrics['skeleton_omitted_fraction']:.1f} % of edges omitted")
-    return line
+    return "\n".join([line, *baseline_lines(metrics)])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -57,7 +59,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     options = skeleton_options(args)
     metrics = evaluate(args.segmentation, args.groundtruth, parse_bbox(args.bbox), args.out,
-                       args.ignore_segmentation_zero, options, not args.include_groundtruth_zero)
+                       args.ignore_segmentation_zero, options, not args.include_groundtruth_zero, args.image)
     print(json.dumps(metrics))
     print(summary(metrics), file=sys.stderr)
     return 0
@@ -73,6 +75,9 @@ def register(subparsers) -> None:
     p.add_argument("--ignore-segmentation-zero", action="store_true", help="score only voxels the segmentation labelled")
     p.add_argument("--include-groundtruth-zero", action="store_true",
                    help="score the ground truth's label 0 too, as one body (no voxel left out)")
+    p.add_argument("--image", default=None, metavar="IMAGE",
+                   help="the segmented image (layer, .npy, .npz or file.h5:dataset): also score an empty "
+                        "segmentation and a seeded watershed of it on the same box, as baselines")
     skel = p.add_argument_group("skeleton scores (expected run length, funlib.evaluate's rules)")
     source = skel.add_mutually_exclusive_group()
     source.add_argument("--skeletons", default=None, metavar="LAYER",

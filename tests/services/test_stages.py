@@ -108,7 +108,7 @@ def test_baselines_empty_scores_the_truths_entropy_and_a_watershed_beats_it():
     assert list(baseline_scores(None, labels, segmentation_metrics)) == ["empty"]
 
 
-def test_evaluate_reports_baselines_on_the_scored_box_off_the_origin(sample_layers, tmp_path):
+def test_evaluate_reports_baselines_on_the_scored_box_off_the_origin(sample_layers, tmp_path, capsys):
     from exaconnect.errors import InputError
     from exaconnect.precomputed.bbox import Box
     from exaconnect.precomputed.baselines import WatershedParameters, watershed_segmentation
@@ -132,6 +132,14 @@ def test_evaluate_reports_baselines_on_the_scored_box_off_the_origin(sample_laye
     again = evaluate(str(root / "labels"), str(root / "labels"), box, image_spec=str(tmp_path / "image.npy"),
                      watershed=WatershedParameters(min_distance=8))
     assert again["baselines"]["watershed"]["vi"] == watershed["vi"]
+    # The command line: `exaconnect evaluate --image` prints the baselines beside the scores.
+    from exaconnect.cli import main
+
+    np.save(tmp_path / "empty.npy", np.zeros_like(labels))
+    assert main(["evaluate", str(tmp_path / "empty.npy"), str(root / "labels"), "--bbox", "5,9,3,50,47,61",
+                 "--image", str(tmp_path / "image.npy"), "--include-groundtruth-zero"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["vi"] == printed["baselines"]["empty"]["vi"] and "watershed" in printed["baselines"]
     with pytest.raises(InputError, match="min_distance"):
         EvaluateStage(segmentation="a", groundtruth="b", store="c", image="d", watershed={"min_distance": 0})
     with pytest.raises(InputError, match="unknown"):

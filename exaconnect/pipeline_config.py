@@ -241,12 +241,6 @@ def from_mapping(cls: type, data: Any, where: str = "pipeline") -> Any:
     return dataclasses.replace(config, plugins=plugins) if plugins else config
 
 
-def _section_keys() -> list[str]:
-    from exaconnect.services.stages import plugin_sections
-
-    return list(plugin_sections())
-
-
 def _plugin_sections(data: Mapping[str, Any], where: str) -> tuple[dict, dict]:
     """The pipeline file's keys split into ours and a lab's registered sections (loaded strictly).
     A registered section left out of the file is planned with its defaults only if they enable it."""

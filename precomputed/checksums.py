@@ -129,11 +129,6 @@ def chunk_checksum_status(cloudpath: str, chunk: str, content: bytes | memoryvie
     return f"checksum {actual} differs from {expected}, recorded when it was written", False
 
 
-def chunk_checksum_problem(cloudpath: str, chunk: str, content: bytes | memoryview) -> str:
-    """'' when `content` matches the recorded checksum of `chunk` (or none is recorded), else why not."""
-    return chunk_checksum_status(cloudpath, chunk, content)[0]
-
-
 def check_chunk_status(cloudpath: str, chunk: str, content: Any) -> tuple[str, bool]:
     """The read-time check `install_chunk_guard` runs: (problem, vouched); problem '' unless a
     mismatch, vouched only when verification is on and a recorded checksum matched."""

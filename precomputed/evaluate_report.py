@@ -78,11 +78,6 @@ def read_labels(spec: str, bbox: Box | None) -> LabelVolume:
     return LabelVolume(array, bbox.start if bbox else (0, 0, 0), None)
 
 
-def load_labels(spec: str, bbox: Box | None) -> np.ndarray:
-    """Labels [z, y, x] from a layer, or from a `.npy`/`.npz` file (array `segmentation`) or `file.h5:dataset`."""
-    return read_labels(spec, bbox).labels
-
-
 def _voxel_size(named: dict[str, tuple[float, float, float] | None], given: tuple[float, float, float] | None):
     """The one voxel size that every source agrees on: --resolution wins over the layers' own,
     which must agree with each other."""

@@ -227,11 +227,6 @@ def services() -> list[str]:
     return sorted(declared, key=lambda name: (rank.get(name, len(rank)), name))
 
 
-def stage_types() -> dict[str, type[Stage]]:
-    load_stage_modules()
-    return dict(STAGE_TYPES)
-
-
 # ---------------------------------------------------------------- commands and pipeline sections
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pbs_job import fake_log, pbs_job_env  # noqa: E402
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -396,20 +398,9 @@ def test_xpu_dependency_set_resolves_once(tmp_path):
 # ---------------------------------------------------------------- PBS scripts with fake launchers
 
 def _pbs(tmp_path: Path, script: str, nodes: int, **env) -> tuple[subprocess.CompletedProcess, list[dict], list[dict]]:
-    log = tmp_path / "log"
-    log.mkdir(exist_ok=True)
-    nodefile = tmp_path / "nodefile"
-    # PBS lists a host once per chunk/slot; the scripts must de-duplicate it
-    nodefile.write_text("".join(f"x4102c{n}s0b0n0\nx4102c{n}s0b0n0\n" for n in range(nodes)))
-    sif = tmp_path / "exaconnect.sif"
-    sif.write_text("")
-    full = dict(os.environ, PATH=f"{FAKE_BIN}:{os.environ['PATH']}", FAKE_LOG=str(log), PBS_NODEFILE=str(nodefile),
-                PBS_O_WORKDIR=str(ROOT), PBS_JOBID="123.fake", SIF=str(sif))
-    full.pop("WALLTIME", None)
-    full.update(env)
+    full = pbs_job_env(tmp_path, nodes, slots_per_node=2, **env)
     out = subprocess.run(["bash", str(DEPLOY / script)], env=full, capture_output=True, text=True, timeout=120)
-    read = lambda name: [json.loads(l) for l in (log / name).read_text().splitlines()] if (log / name).exists() else []  # noqa: E741,E731
-    return out, read("apptainer.jsonl"), read("commands.jsonl")
+    return out, fake_log(tmp_path, "apptainer.jsonl"), fake_log(tmp_path, "commands.jsonl")
 
 
 def _cpus(text: str) -> set[int]:

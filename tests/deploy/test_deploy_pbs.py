@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pbs_job import fake_log, pbs_job_env  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 FAKE_BIN = DEPLOY / "fake"
@@ -21,26 +23,11 @@ LOCAL_BIN = FAKE_BIN / "local"
 
 
 def _job_env(tmp_path: Path, nodes: int = 1, real_workers: bool = False, **env) -> dict:
-    log = tmp_path / "log"
-    log.mkdir(exist_ok=True)
-    nodefile = tmp_path / "nodefile"
-    nodefile.write_text("".join(f"x4102c{n}s0b0n0\n" for n in range(nodes)))
-    sif = tmp_path / "exaconnect.sif"
-    sif.write_text("")
-    path = f"{FAKE_BIN}:{os.environ['PATH']}"
-    if real_workers:
-        path = f"{LOCAL_BIN}:{Path(sys.executable).parent}:{path}"
-    full = dict(os.environ, PATH=path, FAKE_LOG=str(log), PBS_NODEFILE=str(nodefile), PBS_O_WORKDIR=str(ROOT),
-                PBS_JOBID="123.fake", SIF=str(sif), BINDS="", MODULE_USE="", CPU_BIND_LIST="",
-                PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    full.pop("WALLTIME", None)
-    full.update(env)
-    return full
-
-
-def _records(tmp_path: Path, name: str) -> list[dict]:
-    path = tmp_path / "log" / name
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """A job whose site settings are blank (no binds, modules or CPU list), with the tests' task
+    modules importable; `real_workers`: deploy/fake/local runs the workers for real."""
+    path_before = (str(LOCAL_BIN), str(Path(sys.executable).parent)) if real_workers else ()
+    return pbs_job_env(tmp_path, nodes, path_before=path_before, BINDS="", MODULE_USE="", CPU_BIND_LIST="",
+                       PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env)
 
 
 # ---------------------------------------------------------------- item 5: the walltime
@@ -112,7 +99,7 @@ def test_daos_loads_its_module_from_soft_modulefiles(tmp_path):
     out = subprocess.run(["bash", str(DEPLOY / "aurora" / "workers.pbs")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    steps = [[c["command"], *c["argv"]] for c in _records(tmp_path, "commands.jsonl")]
+    steps = [[c["command"], *c["argv"]] for c in fake_log(tmp_path, "commands.jsonl")]
     assert steps[:4] == [["module", "use", "/soft/modulefiles"], ["module", "load", "apptainer"],
                          ["module", "load", "daos"], ["launch-dfuse.sh", "pool:cont"]], steps
 
@@ -125,7 +112,7 @@ def test_submit_passes_resources_to_qsub(tmp_path):
                           "--sif", "/lus/flare/x.sif", "--account", "PROJ", "-l", "filesystems=flare:daos_user",
                           "--train", "configs/train_synthetic.yaml"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    for record in _records(tmp_path, "commands.jsonl"):
+    for record in fake_log(tmp_path, "commands.jsonl"):
         argv = record["argv"]
         assert ["-A", "PROJ"] == argv[argv.index("-A"):argv.index("-A") + 2]
         assert "filesystems=flare:daos_user" in argv and argv[argv.index("filesystems=flare:daos_user") - 1] == "-l"
@@ -146,7 +133,7 @@ def test_workers_job_keeps_one_ledger_per_service(tmp_path, queue, service):
     out = subprocess.run(["bash", str(DEPLOY / "aurora" / "workers.pbs")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    (run,) = _records(tmp_path, "apptainer.jsonl")
+    (run,) = fake_log(tmp_path, "apptainer.jsonl")
     argv = run["argv"]
     assert argv[argv.index("--ledger-dir") + 1] == f"/lus/flare/projects/P/ledger/{service}"
 
@@ -159,7 +146,7 @@ def test_pipeline_job_passes_stall_limit_and_ledger_dir(tmp_path):
     out = subprocess.run(["bash", str(DEPLOY / "aurora" / "pipeline.pbs")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    (runner,) = [r for r in _records(tmp_path, "apptainer.jsonl") if "run" in r["argv"]]
+    (runner,) = [r for r in fake_log(tmp_path, "apptainer.jsonl") if "run" in r["argv"]]
     argv = runner["argv"]
     assert argv[argv.index("exaconnect"):] == [
         "exaconnect", "run", "configs/demo.yaml", "--queue-root", "fq:///lus/flare/q", "--workers", "0",
@@ -186,7 +173,7 @@ def test_pipeline_job_stops_its_runner_when_the_walltime_stops_the_workers(tmp_p
     assert out.returncode == 124, out.stderr
     assert seconds < 10, f"the job took {seconds:.1f} s to stop after the first SIGTERM at 4 s"
     assert "stopping the runner" in out.stderr and "SIGKILL (" not in out.stderr
-    signals = [r for r in _records(tmp_path, "apptainer.jsonl") if "signal" in r]
+    signals = [r for r in fake_log(tmp_path, "apptainer.jsonl") if "signal" in r]
     assert len(signals) == 3 and {s["signal"] for s in signals} == {"TERM"}, signals  # 2 workers and the runner
 
 
@@ -206,7 +193,7 @@ def test_ranks_start_workers_only_for_queues_with_tasks_and_runner_gets_run_args
     out = subprocess.run(["bash", str(DEPLOY / "aurora" / "pipeline.pbs")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 124, out.stderr  # the runner and the workers wait until the walltime stops them
-    runs = [r["argv"] for r in _records(tmp_path, "apptainer.jsonl") if "argv" in r]
+    runs = [r["argv"] for r in fake_log(tmp_path, "apptainer.jsonl") if "argv" in r]
     (runner,) = [a for a in runs if "run" in a]
     assert runner[-4:] == ["--forget", "segment", "--set", "name=again"]
     queues = {a[a.index("work") + 1].rsplit("/", 1)[1] for a in runs if "work" in a}

@@ -74,6 +74,7 @@ def viewer_fib25_layers(tmp_path_factory: pytest.TempPathFactory) -> ViewerLayer
 
 # ---------------------------------------------------------------- real data for every test module
 import os  # noqa: E402
+import sys  # noqa: E402
 
 SHARED = Path(os.environ.get("EXACONNECT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 FIB25 = SHARED / "data" / "fib25" / "training_sample2"
@@ -144,6 +145,20 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# `exaconnect queue work` in a process of its own, with the tests' task modules importable.
+QUEUE_CLI = [sys.executable, "-m", "exaconnect.cli.queue"]
+TASKS_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+
+
+def queue_work(queue, *flags: str, task_module: str = "worker_tasks", timeout: float = 120):
+    """`exaconnect queue work QUEUE --task-module worker_tasks FLAGS...`, run to its end; the
+    CompletedProcess (text)."""
+    import subprocess
+
+    return subprocess.run(QUEUE_CLI + ["work", str(queue), "--task-module", task_module, *flags], env=TASKS_ENV,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def one_line(err: str) -> str:

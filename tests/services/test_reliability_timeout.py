@@ -2,8 +2,6 @@
 (its lease keeper, a separate process, ends the worker), the end counts as an attempt with the
 reason "timed out after N s", and local runs through the runner apply the same limit."""
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,13 +15,7 @@ from exaconnect.errors import QueueError  # noqa: E402
 from exaconnect.services.queue import FailureLedger, enqueue, queue_status  # noqa: E402
 from exaconnect.services.worker import EXIT_DEAD_LETTERED, WorkerOptions  # noqa: E402
 
-QUEUE_CLI = [sys.executable, "-m", "exaconnect.cli.queue"]
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-
-
-def work(queue, *flags, timeout=120):
-    return subprocess.run(QUEUE_CLI + ["work", str(queue), "--task-module", "worker_tasks", *flags], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+from conftest import queue_work as work  # noqa: E402
 
 
 def test_a_hung_python_task_times_out_each_attempt_and_is_dead_lettered(tmp_path):

@@ -17,13 +17,8 @@ from exaconnect.services.queue import FailureLedger, enqueue, open_queue, queue_
 from exaconnect.services.worker import (EXIT_BOTH, EXIT_DEAD_LETTERED, EXIT_WORKER_DIED,  # noqa: E402
                                         Worker, WorkerOptions)
 
-QUEUE_CLI = [sys.executable, "-m", "exaconnect.cli.queue"]
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-
-
-def work(queue, *flags, timeout=120):
-    return subprocess.run(QUEUE_CLI + ["work", str(queue), "--task-module", "worker_tasks", *flags], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+from conftest import QUEUE_CLI, queue_work as work  # noqa: E402
+from conftest import TASKS_ENV as ENV  # noqa: E402
 
 
 def test_a_task_that_sigkills_its_worker_is_dead_lettered_after_exactly_max_attempts(tmp_path):

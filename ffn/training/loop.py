@@ -443,6 +443,141 @@ def _model_and_state(config: TrainConfig, strategy, out_dir: Path, write_dir: Pa
     return model, optimizer, step_var, checkpoint, manager, resumed_from
 
 
+class _Clock:
+    """Training time. CPU seconds count from the run's first start (a resumed run carries on its
+    earlier CPU time) and leave out the evaluations done in this process; the deadline
+    (`max_minutes`) moves with those pauses too, since evaluating is not training."""
+
+    def __init__(self, resumed_cpu_seconds: float, max_minutes: float) -> None:
+        self.cpu_start = time.process_time() - resumed_cpu_seconds
+        self.run_start = time.perf_counter()
+        # The time budget is for training; reading volumes and partitions come before it.
+        self.deadline = self.run_start + 60.0 * max_minutes if max_minutes > 0 else None
+
+    def cpu_seconds(self) -> float:
+        return time.process_time() - self.cpu_start
+
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.run_start
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def leave_out(self, wall: float, cpu: float) -> None:
+        self.cpu_start += cpu
+        if self.deadline is not None:
+            self.deadline += wall
+
+
+class _SummaryWindow:
+    """The losses and steps since the last summary line; throughput counts training only, so a
+    validation or evaluation pause is taken out of the window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+        self.steps += 1
+
+    def leave_out(self, seconds: float) -> None:
+        self.start += seconds
+
+    def steps_per_second(self) -> float:
+        return self.steps / max(time.perf_counter() - self.start, 1e-9)
+
+
+class _Milestones:
+    """The checkpoints to keep whatever `keep_checkpoints` says: at the steps and at the CPU
+    minutes the config names (those not yet passed by a resumed run)."""
+
+    def __init__(self, config: TrainConfig, resumed_from: int, cpu_seconds: float) -> None:
+        t = config.training
+        self.steps_due = [m for m in t.checkpoint_at_steps if m > resumed_from]
+        self.cpu_due = [m * 60.0 for m in t.checkpoint_at_cpu_minutes if m * 60.0 > cpu_seconds]
+
+    def due(self, step: int, cpu_seconds: float, agree) -> str | None:
+        """Why a milestone is kept at `step`, or None. `agree` ORs a time-based decision across a
+        multi-worker job's replicas (they must save at the same step)."""
+        milestone = None
+        if self.steps_due and step >= self.steps_due[0]:
+            milestone = f"step {self.steps_due.pop(0)}"
+        if self.cpu_due and agree(cpu_seconds >= self.cpu_due[0])[0]:
+            milestone = f"{self.cpu_due.pop(0) / 60:g} CPU minutes"
+        return milestone
+
+
+def _agreement(strategy, multi_worker: bool):
+    """agree(*flags) -> flags OR-ed across every replica of a multi-worker job (they must stop
+    and save at the same step: both involve collectives); as they are for one worker."""
+    import tensorflow as tf
+
+    def agree(*flags: bool) -> list[bool]:
+        if not multi_worker:
+            return list(flags)
+        value = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant([int(f) for f in flags], tf.int32))
+        total = strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None).numpy()
+        return [bool(v > 0) for v in total]
+
+    return agree
+
+
+@dataclass
+class _Saver:
+    """Writes the run's state: the resumable checkpoint, the exported model and, for a milestone,
+    a kept weights checkpoint with its line in `milestones.jsonl`."""
+
+    config: TrainConfig
+    model: object
+    manager: object
+    step_var: object
+    write_dir: Path
+    clock: _Clock
+
+    @property
+    def milestones_dir(self) -> Path:
+        return self.write_dir / MILESTONES_DIR
+
+    def save(self, milestone: str | None = None) -> None:
+        import tensorflow as tf
+
+        from ..checkpoint import save_network
+
+        step = int(self.step_var.numpy())
+        self.manager.save(checkpoint_number=step)
+        # A model chosen by `train summary` stays; the latest weights then go beside it.
+        chosen = (self.write_dir / MODEL_DIR / "selection.json").is_file()
+        save_network(self.model, self.write_dir / ("last_model" if chosen else MODEL_DIR), _export_config(self.config))
+        if milestone:
+            self.milestones_dir.mkdir(parents=True, exist_ok=True)
+            # Kept whatever keep_checkpoints says: a plain weights checkpoint per milestone.
+            tf.train.Checkpoint(weights=self.model.weights, biases=self.model.biases, step=self.step_var).write(
+                str(self.milestones_dir / f"ckpt-{step}"))
+            with open(self.milestones_dir / "milestones.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "why": milestone, "cpu_seconds": round(self.clock.cpu_seconds(), 1),
+                                    "wall_seconds": round(self.clock.wall_seconds(), 1)}) + "\n")
+
+
+def _hand_over(config: TrainConfig, out_dir: Path, milestones_dir: Path, step: int, on_evaluation_checkpoint) -> None:
+    """The milestone kept at `step` goes to evaluation: to the callback (which enqueues it), or,
+    with neither callback nor queue, evaluated here."""
+    prefix = str(milestones_dir / f"ckpt-{step}")
+    if on_evaluation_checkpoint is not None:
+        on_evaluation_checkpoint(out_dir, step, prefix)
+    elif config.evaluation.queue:
+        logger.warning("step %d: checkpoint kept for evaluation; enqueue it with `exaconnect train evaluate "
+                       "%s --queue %s` (train() was given no enqueue callback)", step, out_dir, config.evaluation.queue)
+    else:
+        from .evaluation import evaluate_checkpoint
+
+        evaluate_checkpoint(out_dir, step, prefix)
+
+
 def train(config: TrainConfig, example_source: ExampleSource | None = None,
           validation_source: ExampleSource | None = None, strategy=None,
           on_evaluation_checkpoint=None) -> TrainResult:
@@ -463,7 +598,6 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     import tensorflow as tf
     from tqdm import tqdm
 
-    from ..checkpoint import save_network
     from .distribute import TrainStep, make_strategy
     from .monitor import MetricsLog, plot_metrics
 
@@ -475,8 +609,7 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     strategy = strategy or make_strategy(t)
     out_dir, write_dir, chief, worker_index = _run_dirs(config, strategy)
     example_source, validation_source = _example_sources(config, out_dir, example_source, validation_source)
-    model, optimizer, step_var, checkpoint, manager, resumed_from = _model_and_state(config, strategy, out_dir,
-                                                                                      write_dir)
+    model, optimizer, step_var, _, manager, resumed_from = _model_and_state(config, strategy, out_dir, write_dir)
 
     local_batch = t.batch_size * len(strategy.extended.worker_devices)
     step_fn = TrainStep(strategy, model, optimizer, t.batch_size)
@@ -489,68 +622,23 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
     def predict(seeds: np.ndarray, images: np.ndarray) -> np.ndarray:
         return forward(tf.constant(images[..., None]), tf.constant(seeds[..., None])).numpy()[..., 0]
 
-    milestones_dir = write_dir / MILESTONES_DIR
-
-    def export(milestone: str | None = None) -> None:
-        manager.save(checkpoint_number=int(step_var.numpy()))
-        # A model chosen by `train summary` stays; the latest weights then go beside it.
-        chosen = (write_dir / MODEL_DIR / "selection.json").is_file()
-        save_network(model, write_dir / ("last_model" if chosen else MODEL_DIR), _export_config(config))
-        if milestone:
-            milestones_dir.mkdir(parents=True, exist_ok=True)
-            # Kept whatever keep_checkpoints says: a plain weights checkpoint per milestone.
-            tf.train.Checkpoint(weights=model.weights, biases=model.biases, step=step_var).write(
-                str(milestones_dir / f"ckpt-{int(step_var.numpy())}"))
-            with open(milestones_dir / "milestones.jsonl", "a") as f:
-                f.write(json.dumps({"step": int(step_var.numpy()), "why": milestone,
-                                    "cpu_seconds": round(time.process_time() - cpu_start, 1),
-                                    "wall_seconds": round(time.perf_counter() - run_start, 1)}) + "\n")
-
-    multi_worker = t.strategy == "multi_worker"
-    ev = config.evaluation
-
-    def hand_over(at_step: int) -> None:
-        prefix = str(milestones_dir / f"ckpt-{at_step}")
-        if on_evaluation_checkpoint is not None:
-            on_evaluation_checkpoint(out_dir, at_step, prefix)
-        elif ev.queue:
-            logger.warning("step %d: checkpoint kept for evaluation; enqueue it with `exaconnect train evaluate "
-                           "%s --queue %s` (train() was given no enqueue callback)", at_step, out_dir, ev.queue)
-        else:
-            from .evaluation import evaluate_checkpoint
-
-            evaluate_checkpoint(out_dir, at_step, prefix)
-
-    def agree(*flags: bool) -> list[bool]:
-        # Workers of a multi-worker job must stop and save at the same step (both involve
-        # collectives), so time-based decisions are OR-ed across all replicas.
-        if not multi_worker:
-            return list(flags)
-        value = strategy.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant([int(f) for f in flags], tf.int32))
-        total = strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None).numpy()
-        return [bool(v > 0) for v in total]
-
-    step = resumed_from
-    cpu_start = time.process_time() - _resumed_cpu_seconds(out_dir)
-    steps_due = [m for m in t.checkpoint_at_steps if m > resumed_from]
-    cpu_due = [m * 60.0 for m in t.checkpoint_at_cpu_minutes if m * 60.0 > time.process_time() - cpu_start]
+    agree = _agreement(strategy, t.strategy == "multi_worker")
+    clock = _Clock(_resumed_cpu_seconds(out_dir), t.max_minutes)
+    saver = _Saver(config, model, manager, step_var, write_dir, clock)
+    milestones = _Milestones(config, resumed_from, clock.cpu_seconds())
+    window = _SummaryWindow()
+    evaluate_every = config.evaluation.every_steps
+    step, steps_run = resumed_from, 0
     last_save_time = time.perf_counter()
     last_loss = float("nan")
-    losses: list[float] = []
-    window_start, window_steps = time.perf_counter(), 0
-    run_start = time.perf_counter()
-    steps_run = 0
     validation: dict[str, float] = {}
-    # The time budget is for training; reading volumes and partitions come before it.
-    deadline = run_start + 60.0 * t.max_minutes if t.max_minutes > 0 else None
     show = t.progress and chief
     on_terminal = show and sys.stderr.isatty()
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not on_terminal)
-    lines = ProgressLines(t.max_steps, step, t.progress_every_steps, deadline) if show and not on_terminal else None
+    lines = ProgressLines(t.max_steps, step, t.progress_every_steps, clock.deadline) if show and not on_terminal else None
     try:
         while step < t.max_steps:
-            if deadline is not None and agree(time.perf_counter() >= deadline)[0]:
+            if clock.deadline is not None and agree(clock.past_deadline())[0]:
                 break
             seeds, images, targets, weights = feeder.next()
             loss, logits = step_fn(seeds, images, targets, weights)
@@ -559,61 +647,51 @@ def train(config: TrainConfig, example_source: ExampleSource | None = None,
             steps_run += 1
             step_var.assign(step)
             last_loss = loss
-            losses.append(loss)
-            window_steps += 1
+            window.add(loss)
             bar.update(1)
             if lines is not None:
                 lines.update(step, last_loss)
             if step % t.summary_every_steps == 0:
-                elapsed = time.perf_counter() - window_start
-                rate = window_steps / max(elapsed, 1e-9)
-                values = {"loss": float(np.mean(losses)), "steps_per_second": rate,
+                rate = window.steps_per_second()
+                values = {"loss": float(np.mean(window.losses)), "steps_per_second": rate,
                           "examples_per_second": rate * step_fn.global_batch,
                           "learning_rate": float(optimizer.learning_rate.numpy()),
                           "examples_started": feeder.examples_started,
-                          "cpu_seconds": time.process_time() - cpu_start,
-                          "wall_seconds": time.perf_counter() - run_start}
+                          "cpu_seconds": clock.cpu_seconds(), "wall_seconds": clock.wall_seconds()}
                 log.write(step, "train", values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{values['examples_per_second']:.2f}")
-                losses, window_start, window_steps = [], time.perf_counter(), 0
+                window.reset()
             if validation_source is not None and step % t.validation_every_steps == 0:
                 paused = time.perf_counter()
                 validation = validation_metrics(predict, validation_source, config, t.validation_examples)
                 log.write(step, "validation", validation)
                 if chief:
                     plot_metrics(out_dir)
-                # Throughput counts training only.
-                window_start += time.perf_counter() - paused
+                window.leave_out(time.perf_counter() - paused)
             now = time.perf_counter()
-            milestone = None
-            if steps_due and step >= steps_due[0]:
-                milestone = f"step {steps_due.pop(0)}"
-            if cpu_due and agree(time.process_time() - cpu_start >= cpu_due[0])[0]:
-                milestone = f"{cpu_due.pop(0) / 60:g} CPU minutes"
-            evaluate_now = bool(ev.every_steps) and step % ev.every_steps == 0
+            milestone = milestones.due(step, clock.cpu_seconds(), agree)
+            evaluate_now = bool(evaluate_every) and step % evaluate_every == 0
             if evaluate_now and not milestone:
                 milestone = "evaluation"
             if milestone or step % t.checkpoint_every_steps == 0 or \
                     agree(now - last_save_time >= t.checkpoint_every_seconds)[0]:
-                export(milestone)
+                saver.save(milestone)
                 last_save_time = now
             if evaluate_now and chief:
                 paused, cpu_paused = time.perf_counter(), time.process_time()
-                hand_over(step)
+                _hand_over(config, out_dir, saver.milestones_dir, step, on_evaluation_checkpoint)
                 pause = time.perf_counter() - paused
-                window_start += pause
-                cpu_start += time.process_time() - cpu_paused  # evaluation is not training CPU time
-                if deadline is not None:
-                    deadline += pause  # evaluation is not training time
+                window.leave_out(pause)
+                clock.leave_out(pause, time.process_time() - cpu_paused)
     finally:
         bar.close()
     if steps_run or not (write_dir / MODEL_DIR).is_dir():
-        export()
+        saver.save()
     if validation_source is not None and steps_run and step % t.validation_every_steps != 0:
         validation = validation_metrics(predict, validation_source, config, t.validation_examples)
         log.write(step, "validation", validation)
     if chief:
         plot_metrics(out_dir)
-    seconds = time.perf_counter() - run_start
+    seconds = clock.wall_seconds()
     return TrainResult(out_dir, write_dir / MODEL_DIR, step, resumed_from, steps_run, seconds,
                        steps_run * step_fn.global_batch / max(seconds, 1e-9), last_loss, validation)

@@ -64,7 +64,8 @@ def train_small(work: Path, image: str, labels: str, minutes: float, strategy: s
     from exaconnect.ffn.checkpoint import save_network
     from exaconnect.ffn.model import ConvStack3D
     from exaconnect.ffn.training.config import train_config_from_dict
-    from exaconnect.ffn.training.loop import _export_config, glorot_init, train
+    from exaconnect.ffn.training.config import model_config_of
+    from exaconnect.ffn.training.loop import glorot_init, train
 
     from exaconnect.ffn.training.config import merge_overrides
 
@@ -84,7 +85,7 @@ def train_small(work: Path, image: str, labels: str, minutes: float, strategy: s
     if not (untrained / "ffn_config.json").is_file():
         model = ConvStack3D(config.model, seed=config.training.seed)
         glorot_init(model, config.training.seed)  # the very weights training starts from
-        save_network(model, untrained, _export_config(config))
+        save_network(model, untrained, model_config_of(config))
     return train(config), untrained
 
 

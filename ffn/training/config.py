@@ -481,3 +481,12 @@ def config_to_yaml(config: TrainConfig) -> str:
         return value
 
     return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
+
+
+def model_config_of(config: TrainConfig):
+    """The inference config a trained model is saved with: its architecture and the data's
+    image normalisation."""
+    from ..config import FFNConfig
+
+    inference = dataclasses.replace(config.inference, image_mean=config.data.image_mean, image_stddev=config.data.image_stddev)
+    return FFNConfig(model=config.model, inference=inference)

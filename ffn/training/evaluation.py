@@ -97,16 +97,16 @@ def evaluation_options(config: TrainConfig):
     import dataclasses
 
     from ..config import FFNConfig, inference_options_from_dict
-    from .loop import _export_config
+    from .config import model_config_of
 
-    exported = _export_config(config)
+    exported = model_config_of(config)
     options = {**dataclasses.asdict(exported.inference), **config.evaluation.inference}
     return FFNConfig(model=config.model, inference=inference_options_from_dict(options, "evaluation.inference"))
 
 
 def load_checkpoint_predictor(prefix: str, config: TrainConfig, device: str = "cpu"):
     """A Predictor with the weights of one training checkpoint (train_state or milestone)."""
-    from .loop import quiet_tensorflow
+    from .tf_runtime import quiet_tensorflow
 
     quiet_tensorflow()
     import tensorflow as tf
@@ -257,9 +257,9 @@ def export_checkpoint(run_dir: str | Path, record: dict[str, Any], metric: str) 
     if staging.exists():
         shutil.rmtree(staging)
     # The model keeps the run's inference options (not the evaluation-only overrides).
-    from .loop import _export_config
+    from .config import model_config_of
 
-    save_network(predictor.network, staging, _export_config(config))
+    save_network(predictor.network, staging, model_config_of(config))
     (staging / SELECTION_FILENAME).write_text(json.dumps(
         {"step": int(record["step"]), "metric": metric, "value": record[metric], "checkpoint": str(prefix),
          "scores": {k: record.get(k) for k in ("vi", "vi_split", "vi_merge", "adapted_rand_error",

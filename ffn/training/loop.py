@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -26,9 +26,10 @@ from scipy.special import logit
 from exaconnect.errors import InputError
 
 from .augment import augment_example, valid_transforms
-from .config import TrainConfig, config_to_yaml
+from .config import TrainConfig, config_to_yaml, model_config_of
 from .data import ExampleSource, build_example_source
 from .loss_weights import boundary_weights
+from .tf_runtime import quiet_tensorflow, set_tf_threads  # noqa: F401  (set_tf_threads: for the benches)
 
 logger = logging.getLogger(__name__)
 
@@ -264,11 +265,6 @@ class TrainResult:
     validation: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def _export_config(config: TrainConfig):
-    from ..config import FFNConfig
-
-    inference = replace(config.inference, image_mean=config.data.image_mean, image_stddev=config.data.image_stddev)
-    return FFNConfig(model=config.model, inference=inference)
 
 
 def glorot_init(model, seed: int) -> None:
@@ -307,20 +303,6 @@ def _init_weights(model, config: TrainConfig) -> None:
     logger.info("initialized weights from %s", path)
 
 
-def quiet_tensorflow() -> None:
-    """Hides TensorFlow's start-up chatter (C++ INFO/WARNING lines such as oneDNN and CPU
-    feature notices; absl INFO records). The environment variable only works before
-    TensorFlow is first imported, which callers of train() usually have not done yet."""
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    except ImportError:  # absl comes with TensorFlow; nothing to quiet without it
-        pass
 
 
 class ProgressLines:
@@ -346,23 +328,6 @@ class ProgressLines:
               f"{eta} left, loss {loss:.4f}", file=sys.stderr, flush=True)
 
 
-def set_tf_threads(intra: int, inter: int) -> None:
-    """Limits TensorFlow's thread pools (0 leaves a pool at its default). Must run before
-    TensorFlow executes anything; later it cannot change and a warning says so."""
-    if not intra and not inter:
-        return
-    import tensorflow as tf
-
-    try:
-        if intra:
-            tf.config.threading.set_intra_op_parallelism_threads(intra)
-        if inter:
-            tf.config.threading.set_inter_op_parallelism_threads(inter)
-    except RuntimeError as exc:
-        current = (tf.config.threading.get_intra_op_parallelism_threads(),
-                   tf.config.threading.get_inter_op_parallelism_threads())
-        if current != (intra or current[0], inter or current[1]):
-            logger.warning("cannot set TensorFlow threads to %d/%d (already %s): %s", intra, inter, current, exc)
 
 
 def _resumed_cpu_seconds(out_dir: Path) -> float:
@@ -552,7 +517,7 @@ class _Saver:
         self.manager.save(checkpoint_number=step)
         # A model chosen by `train summary` stays; the latest weights then go beside it.
         chosen = (self.write_dir / MODEL_DIR / "selection.json").is_file()
-        save_network(self.model, self.write_dir / ("last_model" if chosen else MODEL_DIR), _export_config(self.config))
+        save_network(self.model, self.write_dir / ("last_model" if chosen else MODEL_DIR), model_config_of(self.config))
         if milestone:
             self.milestones_dir.mkdir(parents=True, exist_ok=True)
             # Kept whatever keep_checkpoints says: a plain weights checkpoint per milestone.

@@ -4,16 +4,27 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.sh"
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def _beating_worker(tmp_path: Path, tasks: list, *flags: str) -> tuple[subprocess.Popen, Path]:
+    """A worker on a queue of `tasks` that writes its heartbeat to tmp_path/beat, started now."""
+    from conftest import QUEUE_CLI, TASKS_ENV
+
+    from exaconnect.services.queue import open_queue
+
+    queue, beat = tmp_path / "q", tmp_path / "beat"
+    open_queue(str(queue), create=True).insert(tasks)
+    process = subprocess.Popen(QUEUE_CLI + ["work", str(queue), "--task-module", "worker_tasks", "--exit-when-empty",
+                                            "--heartbeat", str(beat), *flags],
+                               env=TASKS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return process, beat
 
 
 def _read(path: Path) -> dict | None:
@@ -36,14 +47,7 @@ def _watch(process: subprocess.Popen, beat: Path, seconds: float) -> list[dict]:
 def test_heartbeat_names_the_running_task_and_the_probe_judges_it(tmp_path):
     from worker_tasks import SleepTask
 
-    from exaconnect.services.queue import open_queue
-
-    queue = tmp_path / "q"
-    open_queue(str(queue), create=True).insert([SleepTask(str(tmp_path / "log"), 4)])
-    beat = tmp_path / "beat"
-    process = subprocess.Popen([sys.executable, "-m", "exaconnect.cli.queue", "work", str(queue), "--task-module",
-                                "worker_tasks", "--exit-when-empty", "--heartbeat", str(beat), "--task-timeout", "60"],
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process, beat = _beating_worker(tmp_path, [SleepTask(str(tmp_path / "log"), 4)], "--task-timeout", "60")
     seen = _watch(process, beat, 90)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
@@ -74,14 +78,8 @@ def test_a_supervisors_heartbeat_names_its_longest_running_task(tmp_path):
     """With --processes N only the supervisor writes the file: its workers' oldest task."""
     from worker_tasks import SleepTask
 
-    from exaconnect.services.queue import open_queue
-
-    queue = tmp_path / "q"
-    open_queue(str(queue), create=True).insert([SleepTask(str(tmp_path / f"log{i}"), 12) for i in range(2)])
-    beat = tmp_path / "beat"
-    process = subprocess.Popen([sys.executable, "-m", "exaconnect.cli.queue", "work", str(queue), "--task-module",
-                                "worker_tasks", "--exit-when-empty", "--heartbeat", str(beat), "--processes", "2"],
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process, beat = _beating_worker(tmp_path, [SleepTask(str(tmp_path / f"log{i}"), 12) for i in range(2)],
+                                    "--processes", "2")
     seen = _watch(process, beat, 120)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output

@@ -282,13 +282,11 @@ def requeue_dead_letters(spec: str, task_ids: list[str] | None = None, ledger_di
     q = open_queue(spec, create=False)
     ledger = FailureLedger.for_queue(spec, ledger_dir)
     ids = sorted(ledger.dead_ids()) if task_ids is None else task_ids
-    for task_id in ids:
-        ledger.dead_record(task_id)  # every id named exists before anything changes
-    if ids:
+    records = {task_id: ledger.dead_record(task_id) for task_id in ids}  # every id exists before anything changes
+    if records:
         _put_back_taken(ledger)
     count = 0
-    for task_id in ids:
-        record = ledger.dead_record(task_id)
+    for task_id, record in records.items():
         payload = record.get("payload")
         # A registered task's payload is a dict; a function task's (igneous's DownsampleTask, a
         # partial) is a list. Text is what could not be parsed when the task was buried.

@@ -1,9 +1,11 @@
 """Refinement P1 -> P2 -> P3 on a crop of FIB-25 training_sample2 with the published checkpoint
 (the crop is the canvas, as `exaconnect segment box` does): P1 the first FFN pass, P2 new
 objects seeded in its unclaimed voxels (ffn/reseed.py), P3 agglomeration by FFN
-resegmentation of neighbouring pairs (ffn/agglomerate.py). The merge thresholds are chosen on
-the crop's z < half (pairs whose decision point lies there, scored on those voxels) and
-reported on z >= half and on the whole crop. Scores: VI and adapted Rand error with label 0
+resegmentation of neighbouring pairs (ffn/agglomerate.py), then the fill (ffn/fill.py: the
+voxels still unclaimed handed to the objects around them, no network), after P3 and, for
+comparison, straight after P1. The merge thresholds are chosen on the crop's z < half (pairs
+whose decision point lies there, scored on those voxels), the fill's smoothing on z < half of
+the filled P3 result; both are reported on z >= half and on the whole crop. Scores: VI and adapted Rand error with label 0
 one segment and no voxel left out, expected run length on kimimaro skeletons of the crop's
 ground truth (scale 1.5, const 300, dust 100). Cost: CPU-seconds and network evaluations.
 Prints one JSON line.
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_ffn_precision import CHECKPOINT, RESOLUTION, load_crop  # noqa: E402
 from common import emit, require_fib25  # noqa: E402
 
+FILL_SIGMAS = (0.0, 0.5, 1.0, 2.0)
 GRID = {"min_iou": (0.0, 0.1, 0.3, 0.5, 0.7), "min_cross": (0.0, 0.1, 0.2, 0.4, 0.6), "min_self": (0.3, 0.6),
         "max_deleted": (0.02, 0.1, 1.0), "min_cross_one": (0.0, 0.4, 0.5, 0.6, 0.7, 0.8)}
 
@@ -65,6 +68,18 @@ def scores(segmentation, groundtruth, skeletons, offset_zyx=(0, 0, 0)) -> dict:
             "objects": int(len(np.unique(segmentation[segmentation != 0])))}
 
 
+def merged_table(table, pairs: np.ndarray):
+    """The contingency table of a segmentation after merging `pairs`, from the table before: the
+    threshold grid scores hundreds of choices without relabelling the volume for each."""
+    from exaconnect.precomputed.evaluate import Contingency
+    from exaconnect.precomputed.stitching import apply_equivalence, equivalence_from_edges
+
+    equivalence = equivalence_from_edges(pairs)
+    segments = apply_equivalence(table.segment_ids, equivalence.ids, equivalence.roots)
+    keys, inverse = np.unique(np.stack([segments, table.groundtruth_ids], axis=1), axis=0, return_inverse=True)
+    return Contingency(keys[:, 0], keys[:, 1], np.bincount(inverse.ravel(), weights=table.counts).astype(np.int64))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bbox", default="64,64,64,160,160,160", help="crop of training_sample2, x0,y0,z0,x1,y1,z1")
@@ -76,13 +91,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="network calls batch this many P3 runs")
     args = parser.parse_args()
     require_fib25()
+    from exaconnect.ffn.fill import fill_unsegmented
     from exaconnect.ffn.agglomerate import (COLUMN, MergeThresholds, ResegmentOptions, accept, candidate_contacts,
                                             decision_boxes, resegment_pairs)
     from exaconnect.ffn.inference import segment_subvolume
     from exaconnect.ffn.predictor import load_model
     from exaconnect.ffn.reseed import ReseedOptions, grow_unclaimed, merge_new_objects
     from exaconnect.precomputed.bbox import Box
-    from exaconnect.precomputed.evaluate import segmentation_metrics
+    from exaconnect.precomputed.evaluate import adapted_rand_error, contingency_table, variation_of_information
     from exaconnect.precomputed.skeleton_metrics import KimimaroParameters, skeletonize_labels
     from exaconnect.precomputed.stitching import apply_equivalence, equivalence_from_edges
 
@@ -130,32 +146,52 @@ def main() -> None:
 
     # Thresholds: those that score best on z < half, using only the pairs decided there.
     in_low = points[:, 0] < half if len(points) else np.zeros(0, bool)
+    low_table = contingency_table(labels2[:half], groundtruth[:half], ignore_groundtruth_zero=False)
     choices = []
     for values in itertools.product(*GRID.values()):
         thresholds = MergeThresholds(**dict(zip(GRID, values)))
-        labels3, _ = agglomerated(thresholds, in_low)
-        low = segmentation_metrics(labels3[:half], groundtruth[:half], ignore_groundtruth_zero=False)
-        choices.append((round(low["vi"], 6), round(low["adapted_rand_error"], 6), values, thresholds))
+        table = merged_table(low_table, pairs[accept(evidence, thresholds) & in_low])
+        choices.append((round(sum(variation_of_information(table)), 6), round(adapted_rand_error(table), 6), values,
+                        thresholds))
     choices.sort(key=lambda c: (c[0], c[1], [-v for v in c[2]]))
     chosen = choices[0][3]
     labels3, merged = agglomerated(chosen)
     cost3.update({"pairs_merged": int(merged.sum()), "voxels_changed": int((labels3 != labels2).sum()),
                   "objects_merged": int(len(np.unique(labels2[labels2 != 0])) - len(np.unique(labels3[labels3 != 0])))})
 
+    def filled(labels, sigma):
+        cpu = time.process_time()
+        out = fill_unsegmented(image, labels, sigma=sigma)
+        return out, round(time.process_time() - cpu, 1)
+
+    def low_vi(labels):
+        table = contingency_table(labels[:half], groundtruth[:half], ignore_groundtruth_zero=False)
+        return round(sum(variation_of_information(table)), 6), round(adapted_rand_error(table), 6)
+
+    sigma = min(FILL_SIGMAS, key=lambda s: (low_vi(filled(labels3, s)[0]), s))
+    labels4, fill_cpu = filled(labels3, sigma)
+    labels1_filled, fill1_cpu = filled(labels1, sigma)
+    cost_fill = {"network_evaluations": 0, "cpu_s": fill_cpu, "sigma": sigma,
+                 "voxels_changed": int((labels4 != labels3).sum())}
+
     parameters = KimimaroParameters(scale=1.5, const=300, dust_threshold=100, anisotropy=RESOLUTION)
     skeletons = skeletonize_labels(groundtruth, parameters)
     table = {}
-    for name, labels in (("P1", labels1), ("P1+P2", labels2), ("P1+P2+P3", labels3)):
+    for name, labels in (("P1", labels1), ("P1+P2", labels2), ("P1+P2+P3", labels3), ("P1+P2+P3+fill", labels4),
+                         ("P1+fill", labels1_filled)):
         table[name] = {"whole": scores(labels, groundtruth, skeletons),
                        "z_low_half": scores(labels[:half], groundtruth[:half], skeletons),
                        "z_high_half": scores(labels[half:], groundtruth[half:], skeletons, (half, 0, 0))}
     voxels = int(image.size)
     total_cpu = sum(c["cpu_s"] for c in (cost1, cost2, cost3))
     emit("refine", bbox=args.bbox, checkpoint=CHECKPOINT.name, half_z=half, kimimaro=parameters.to_dict(),
-         scores=table, cost={"P1": cost1, "P2": cost2, "P3": cost3},
+         scores=table, cost={"P1": cost1, "P2": cost2, "P3": cost3, "fill": cost_fill,
+                             "fill_after_P1": {"network_evaluations": 0, "cpu_s": fill1_cpu}},
          cpu_s_per_megavoxel={"P1": round(cost1["cpu_s"] / voxels * 1e6, 1),
-                              "P1+P2+P3": round(total_cpu / voxels * 1e6, 1)},
+                              "P1+P2+P3": round(total_cpu / voxels * 1e6, 1),
+                              "P1+P2+P3+fill": round((total_cpu + fill_cpu) / voxels * 1e6, 1)},
          thresholds=dict(zip(GRID, choices[0][2])), thresholds_chosen_on="z < half, pairs decided there",
+         fill_sigma=sigma, fill_sigma_chosen_on="z < half of P1+P2+P3+fill", fill_sigmas=FILL_SIGMAS,
          reseed=reseed.__dict__, resegment={"radius": options.radius, "analysis_radius": options.analysis_radius,
                                             "max_contact_distance": options.max_contact_distance,
                                             "min_contact": options.min_contact})

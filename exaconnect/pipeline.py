@@ -504,7 +504,9 @@ def print_summary(summary: dict) -> None:
             print(f"[run] skeletons: expected run length {s['erl'] / 1000:.3f} um of {s['erl_max'] / 1000:.3f} um possible, "
                   f"{s['skeleton_merging_segments']} merging segments, {s['skeleton_omitted_length_fraction']:.0%} "
                   "of the skeleton length unsegmented")
-    print("[run] layers:", *summary["layers"].values(), sep="\n  ")
+    # Names, since several can name one layer (the published segmentation is also its last pass's).
+    width = max((len(name) for name in summary["layers"]), default=0)
+    print("[run] layers:", *(f"{name:<{width}}  {url}" for name, url in summary["layers"].items()), sep="\n  ")
     print("[run] open the link while `exaconnect view` serves the local layers (make view):")
     print(summary["links"].get("short") or summary["links"]["long"])
 

@@ -11,6 +11,10 @@
                                (ffn/agglomerate.py)
         refine.p3-equivalence  one task: accepted pairs -> one equivalence, and the P3 report
         refine.p3-relabel      the input layer through the equivalence, into a new layer
+    fill refine.fill           one task per subvolume (read with its overlap): the voxels still
+                               unclaimed handed to the objects around them (ffn/fill.py), no
+                               network, no new object
+        refine.fill-report     one task: the fill's report
 
 Every step reads only files that carry a completion marker and skips work already done, so a
 stage can be rerun or resumed. The merge thresholds are parameters of the P3 equivalence step
@@ -77,6 +81,7 @@ log = logging.getLogger("exaconnect.refine")
 REPORT = "refine.json"
 P2_STEPS = ("grow", "faces", "equivalence", "relabel")
 P3_STEPS = ("pairs", "resegment", "equivalence", "relabel")
+FILL_STEPS = ("fill", "report")
 
 
 # ---------------------------------------------------------------- plans (what a pass's tasks read)
@@ -131,13 +136,32 @@ class AgglomeratePlan:
             raise InputError(f"p3.pairs_per_task={self.pairs_per_task!r}: expected an integer >= 1")
 
 
+@dataclass(frozen=True)
+class FillPlan:
+    """The fill over `input_layer` into `output_layer`: `sigma` smooths the image (voxels); the
+    grid's overlap is the margin each subvolume is filled with, so a gap at a subvolume face is
+    decided from both sides."""
+
+    image_layer: str
+    input_layer: str
+    output_layer: str
+    sigma: float = 0.0
+    grid: RefineGrid = RefineGrid()
+    staging: str = ""
+
+    def __post_init__(self) -> None:
+        _normalise_layers(self)
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not self.sigma >= 0:
+            raise InputError(f"fill.sigma={self.sigma!r}: expected a number >= 0 (voxels)")
+
+
 def _normalise_layers(plan: Any) -> None:
     for name in ("image_layer", "input_layer", "output_layer"):
         object.__setattr__(plan, name, layer_url(getattr(plan, name)))
     if plan.input_layer == plan.output_layer:
         raise InputError(f"refine: output layer {plan.output_layer} is the input layer; expected a new layer")
     object.__setattr__(plan, "staging", layer_url(plan.staging) if plan.staging else plan.output_layer + ".staging")
-    if os.path.exists(plan.model):
+    if getattr(plan, "model", "") and os.path.exists(plan.model):
         # Workers may start elsewhere (a pod, a PBS job): a local model path is stored absolute.
         object.__setattr__(plan, "model", os.path.abspath(plan.model))
 
@@ -152,9 +176,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _plan_from(kind: str, data: dict) -> ReseedPlan | AgglomeratePlan:
+def _plan_from(kind: str, data: dict) -> ReseedPlan | AgglomeratePlan | FillPlan:
     data = dict(data)
     data["grid"] = RefineGrid(tuple(data["grid"]["subvolume"]), tuple(data["grid"]["overlap"]))
+    if kind == "fill":
+        return FillPlan(**data)
     if kind == "p2":
         data["options"] = ReseedOptions(**data["options"])
         data["match"] = MatchOptions(**data["match"])
@@ -528,6 +554,59 @@ class AgglomerateRelabelTask(RegisteredTask):
                   apply_equivalence(labels, ids, roots))
 
 
+# ---------------------------------------------------------------- the fill's tasks
+
+class FillTask(RegisteredTask):
+    """One subvolume: read with its overlap, filled, its write box written to the output layer."""
+
+    def __init__(self, staging: str, index: list):
+        super().__init__(staging, [int(i) for i in index])
+
+    def execute(self) -> None:
+        from exaconnect.ffn.fill import fill_unsegmented
+
+        files = ArtifactStore(self.staging)
+        key = f"fill/done/{_name(self.index)}"
+        if files.is_complete(key):
+            return
+        plan: FillPlan = load_plan(self.staging, "fill")
+        cell = next(c for c in _cells(plan) if list(c.index) == self.index)
+        cpu = time.process_time()
+        image = read_box(open_layer(plan.image_layer, layer_type="image"), cell.read)
+        labels = read_box(open_layer(plan.input_layer, layer_type="segmentation"), cell.read).astype(np.uint64)
+        core = _crop(fill_unsegmented(image, labels, sigma=float(plan.sigma)), cell.read, cell.write)
+        before = _crop(labels, cell.read, cell.write)
+        write_box(open_layer(plan.output_layer, layer_type="segmentation"), cell.write, core)
+        files.put(key, b"", {"voxels": int(before.size), "voxels_unclaimed": int((before == 0).sum()),
+                             "voxels_filled": int(((before == 0) & (core != 0)).sum()),
+                             "cpu_seconds": time.process_time() - cpu})
+
+
+class FillReportTask(RegisteredTask):
+    """One task: what the fill did, from every subvolume's marker, as the pass's report."""
+
+    def __init__(self, staging: str):
+        super().__init__(staging)
+
+    def execute(self) -> None:
+        files = ArtifactStore(self.staging)
+        plan: FillPlan = load_plan(self.staging, "fill")
+        cells = _cells(plan)
+        markers = {tuple(c.index): files.marker(f"fill/done/{_name(c.index)}") for c in cells}
+        missing = [k for k, m in markers.items() if m is None]
+        if missing:
+            raise LayerError(f"{plan.staging}: fill subvolumes {missing[:5]} not finished; run refine.fill first")
+        total = {name: sum(m[name] for m in markers.values())
+                 for name in ("voxels", "voxels_unclaimed", "voxels_filled")}
+        _report(plan, "fill", {
+            "objects_added": 0, "objects_merged": 0, "objects_split": 0, "voxels_changed": total["voxels_filled"],
+            "unclaimed_fraction_before": round(total["voxels_unclaimed"] / max(total["voxels"], 1), 6),
+            "unclaimed_fraction_after": round((total["voxels_unclaimed"] - total["voxels_filled"])
+                                              / max(total["voxels"], 1), 6),
+            "network_evaluations": 0, "sigma": plan.sigma,
+            "cpu_seconds": round(sum(m["cpu_seconds"] for m in markers.values()), 2), "subvolumes": len(cells)})
+
+
 # ---------------------------------------------------------------- stages
 
 @dataclass(frozen=True)
@@ -624,6 +703,46 @@ class AgglomerateStep(Stage):
         return (self.plan.output_layer,) if self.step == "relabel" else (f"{self.plan.staging}/p3/{self.step}",)
 
 
+@dataclass(frozen=True)
+class FillStep(Stage):
+    """One step of the fill (see the module docstring)."""
+
+    service: ClassVar[str] = "segment"
+    stage_name: ClassVar[str] = "refine.fill"
+    lease_seconds: ClassVar[int] = 1800
+    description: ClassVar[str] = "fill: unclaimed voxels handed to the objects around them"
+    plan: FillPlan
+    step: str = "fill"
+    previous: Stage | None = None
+
+    def __post_init__(self) -> None:
+        if self.step not in FILL_STEPS:
+            raise InputError(f"fill step {self.step!r}: expected one of {FILL_STEPS}")
+        if not self.name:
+            object.__setattr__(self, "name", "refine.fill" if self.step == "fill" else f"refine.fill-{self.step}")
+        super().__post_init__()
+
+    def requires(self) -> tuple[Stage, ...]:
+        return (self.previous,) if self.previous is not None else self.upstream
+
+    def make_tasks(self) -> list:
+        if self.step == "report":
+            return [FillReportTask(self.plan.staging)]
+        _prepare(self.plan, "fill")
+        return [FillTask(self.plan.staging, list(c.index)) for c in _cells(self.plan)]
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.plan.image_layer, self.plan.input_layer)
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.plan.output_layer,) if self.step == "fill" else (f"{self.plan.staging}/fill/{self.step}",)
+
+
+def fill_stages(plan: FillPlan, upstream: tuple[Stage, ...] = ()) -> list[Stage]:
+    fill = FillStep(plan=plan, step="fill", upstream=upstream)
+    return [fill, FillStep(plan=plan, step="report", previous=fill)]
+
+
 def reseed_stages(plan: ReseedPlan, upstream: tuple[Stage, ...] = ()) -> list[Stage]:
     stages: list[Stage] = []
     previous: Stage | None = None
@@ -676,8 +795,15 @@ class P3Section:
 
 
 @dataclass(frozen=True)
+class FillSection:
+    enabled: bool = False
+    sigma: float = 0.0
+
+
+@dataclass(frozen=True)
 class RefineSection:
-    """`refine:` in the pipeline file: P2 and/or P3 after the segmentation (off by default).
+    """`refine:` in the pipeline file: P2, P3 and the fill after the segmentation, each optional
+    (the section is off by default; the fill needs no model).
     `model` / `inference`: the network and its option overrides (default: the last FFN pass's)."""
 
     enabled: bool = False
@@ -688,6 +814,7 @@ class RefineSection:
     downsample_mips: int = 2
     p2: P2Section = P2Section()
     p3: P3Section = P3Section()
+    fill: FillSection = FillSection()
 
 
 def _segment_model(context: Any) -> tuple[str, dict]:
@@ -700,7 +827,8 @@ def _segment_model(context: Any) -> tuple[str, dict]:
 
 
 def plan_refine(config: RefineSection, context: Any) -> None:
-    """P2 then P3 on the published segmentation; the last one's layer becomes the segmentation."""
+    """P2, P3 then the fill on the published segmentation; the last one's layer becomes the
+    segmentation."""
     from exaconnect.services.downsample import DownsampleStage
 
     if "segmentation" not in context.layers:
@@ -708,9 +836,9 @@ def plan_refine(config: RefineSection, context: Any) -> None:
     if "image" not in context.layers:
         raise InputError("refine: no image layer in the pipeline")
     model, inference = (config.model, dict(config.inference)) if config.model else _segment_model(context)
-    if not model:
-        raise InputError("refine.model: no FFN model; give one, or run the segment section before refine")
-    if not (config.p2.enabled or config.p3.enabled):
+    if not model and (config.p2.enabled or config.p3.enabled):
+        raise InputError("refine.model: no FFN model for P2 and P3; give one, or run the segment section before refine")
+    if not (config.p2.enabled or config.p3.enabled or config.fill.enabled):
         return
     current, upstream = context.layers["segmentation"], context.requires("segmentation")
     context.layers.setdefault("segmentation_p1", current)
@@ -733,8 +861,15 @@ def plan_refine(config: RefineSection, context: Any) -> None:
                                 RefineGrid(config.subvolume, (0, 0, 0)), p.pairs_per_task)
         stages = agglomerate_stages(plan3, upstream + context.requires("image"))
         context.add(*stages)
-        current, last = plan3.output_layer, stages[-1]
+        current, upstream, last = plan3.output_layer, (stages[-1],), stages[-1]
         context.layers["segmentation_p3"] = current
+    if config.fill.enabled:
+        plan_fill = FillPlan(context.layers["image"], current, context.layer("segmentation_filled"),
+                             config.fill.sigma, RefineGrid(config.subvolume, config.overlap))
+        stages = fill_stages(plan_fill, upstream + context.requires("image"))
+        context.add(*stages)
+        current, last = plan_fill.output_layer, stages[-1]
+        context.layers["segmentation_filled"] = current
     if config.downsample_mips > 0:
         last = DownsampleStage(layer=current, num_mips=config.downsample_mips, upstream=(last,),
                                name="pyramid.refined")

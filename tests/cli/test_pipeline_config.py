@@ -81,7 +81,9 @@ def test_the_demo_plans_every_stage_in_order(tmp_path):
                            ("ingest.groundtruth", "misalign"), ("misalign", "align.flow"), ("align.render", "segment.initial"),
                            ("segment.initial", "segment.faces"),
                            ("pyramid.segmentation", "mesh.forge"), ("mesh.forge", "mesh.merge"),
-                           ("pyramid.segmentation", "skeleton.forge"), ("align.apply-groundtruth", "evaluate")]:
+                           ("pyramid.segmentation", "skeleton.forge"), ("align.apply-groundtruth", "evaluate"),
+                           ("segment.relabel", "refine.fill"), ("refine.fill", "pyramid.refined"),
+                           ("pyramid.refined", "mesh.forge"), ("pyramid.refined", "evaluate")]:
         assert names.index(earlier) < names.index(later)
     assert "train.demo-model" not in names  # the demo segments with the model kept in the repository
     without_align = load_pipeline(CONFIGS / "demo.yaml", {"pipeline": {"output": str(tmp_path / "out2")},

@@ -22,9 +22,11 @@ from exaconnect.precomputed.layers import LayerSpec, Provenance, create_layer, o
 from exaconnect.services import refine
 from exaconnect.services.refine import (
     AgglomeratePlan,
+    FillPlan,
     RefineGrid,
     ReseedPlan,
     agglomerate_stages,
+    fill_stages,
     read_report,
     reseed_stages,
 )
@@ -192,6 +194,37 @@ def test_p2_and_p3_with_a_real_network_keep_their_invariants_and_resume(tmp_path
     assert {r.status for r in again.results.values()} == {"skipped"}
 
 
+def test_the_fill_over_subvolumes_is_the_fill_of_the_whole_volume(tmp_path):
+    """Gaps thinner than the overlap are decided as the whole volume's fill decides them, on a
+    layer off the origin and off the chunk grid; claimed voxels never change; a rerun skips."""
+    from exaconnect.ffn.fill import fill_unsegmented
+
+    image, truth = _volume()
+    rng = np.random.default_rng(3)
+    p1 = truth.copy()
+    x = np.arange(truth.shape[2])
+    p1[:, :, (x % 16 == 13) | (x % 16 == 14)] = 0          # a band beside each membrane
+    p1[rng.random(p1.shape) < 0.05] = 0                     # scattered holes
+    p1[p1 == 2] = 2**40 + 9                                 # a packed ID, as the segment service writes
+    image_layer = _layer(tmp_path / "image", image, "image")
+    p1_layer = _layer(tmp_path / "p1", p1, "segmentation")
+    plan = FillPlan(image_layer, p1_layer, str(tmp_path / "filled"), sigma=0.0, grid=RefineGrid((16, 16, 16), (8, 8, 8)))
+    stages = fill_stages(plan)
+    report = _run(stages, tmp_path, "fill")
+    assert report.results["refine.fill"].tasks == 3 * 3 * 3
+
+    filled = _read(tmp_path / "filled")
+    assert np.array_equal(filled, fill_unsegmented(image, p1, sigma=0.0))
+    assert np.array_equal(filled[p1 != 0], p1[p1 != 0]) and not (filled == 0).any()
+    assert {int(i) for i in np.unique(filled)} == {1, 2**40 + 9, 3}
+    fill_report = read_report(str(tmp_path / "filled"))
+    assert fill_report["voxels_changed"] == int((p1 == 0).sum())
+    assert fill_report["unclaimed_fraction_before"] == round(float((p1 == 0).mean()), 6)
+    assert fill_report["unclaimed_fraction_after"] == 0 and fill_report["network_evaluations"] == 0
+    again = _run(fill_stages(plan), tmp_path, "fill")
+    assert {r.status for r in again.results.values()} == {"skipped"}
+
+
 def test_the_refine_section_plans_p2_and_p3_between_segment_and_meshes(tmp_path):
     from pathlib import Path
 
@@ -205,10 +238,12 @@ def test_the_refine_section_plans_p2_and_p3_between_segment_and_meshes(tmp_path)
     base = {"pipeline": {"output": str(tmp_path / "out")}, "source": {"synthetic_shape": [32, 32, 32]},
             "montage": {"enabled": False},
             "segment": {"model": model}}
-    off = build_plan(load_pipeline(demo, base))
-    assert not [s for s in off.stages if s.name.startswith("refine.")]  # disabled unless asked for
+    off = build_plan(load_pipeline(demo, {**base, "refine": {"enabled": False}}))
+    assert not [s for s in off.stages if s.name.startswith("refine.")]
+    # The demo turns on the fill alone; here each pass is asked for explicitly.
+    passes = {"enabled": True, "p2": {"enabled": True}, "p3": {"enabled": True}, "fill": {"enabled": False}}
 
-    config = load_pipeline(demo, {**base, "refine": {"enabled": True, "p3": {"min_iou": 0.7}}})
+    config = load_pipeline(demo, {**base, "refine": {**passes, "p3": {"enabled": True, "min_iou": 0.7}}})
     plan = build_plan(config)
     names = [s.name for s in stage_graph(plan.stages)]
     for earlier, later in [("segment.relabel", "refine.p2-grow"), ("refine.p2-relabel", "refine.p3-pairs"),
@@ -219,10 +254,24 @@ def test_the_refine_section_plans_p2_and_p3_between_segment_and_meshes(tmp_path)
     p3 = next(s for s in plan.stages if s.name == "refine.p3-pairs")
     assert p3.plan.thresholds.min_iou == 0.7 and p3.plan.input_layer.endswith("/segmentation_p2")
     assert p3.plan.model == model  # the segment section's model, by default
-    only_p3 = build_plan(load_pipeline(demo, {**base, "refine": {"enabled": True, "p2": {"enabled": False}}}))
+    only_p3 = build_plan(load_pipeline(demo, {**base, "refine": {**passes, "p2": {"enabled": False}}}))
     assert next(s for s in only_p3.stages if s.name == "refine.p3-pairs").plan.input_layer.endswith("/segmentation")
     with pytest.raises(InputError, match="refine.p3.min_iuo"):
         load_pipeline(demo, {**base, "refine": {"p3": {"min_iuo": 0.7}}})
+
+    # The fill comes last, on whatever the passes before it made, and is what gets published.
+    filled = build_plan(load_pipeline(demo, {**base, "refine": {**passes, "fill": {"enabled": True}}}))
+    names = [s.name for s in stage_graph(filled.stages)]
+    for earlier, later in [("refine.p3-relabel", "refine.fill"), ("refine.fill", "refine.fill-report"),
+                           ("refine.fill-report", "pyramid.refined")]:
+        assert names.index(earlier) < names.index(later)
+    fill = next(s for s in filled.stages if s.name == "refine.fill")
+    assert fill.plan.input_layer.endswith("/segmentation_p3") and filled.layers["segmentation"].endswith(
+        "/segmentation_filled")
+    only_fill = build_plan(load_pipeline(demo, {**base, "refine": {"enabled": True, "p2": {"enabled": False},
+                                                                   "p3": {"enabled": False}, "fill": {"enabled": True}}}))
+    assert not [s for s in only_fill.stages if s.name.startswith("refine.p")]
+    assert next(s for s in only_fill.stages if s.name == "refine.fill").plan.input_layer.endswith("/segmentation")
 
 
 def test_bad_refine_plans_are_refused_before_anything_is_written(tmp_path):
@@ -239,3 +288,5 @@ def test_bad_refine_plans_are_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "p2").exists()
     with pytest.raises(InputError, match="pairs_per_task"):
         AgglomeratePlan(image_layer, p1_layer, str(tmp_path / "p3"), "m", pairs_per_task=0)
+    with pytest.raises(InputError, match=r"fill.sigma=-1: expected a number >= 0"):
+        FillPlan(image_layer, p1_layer, str(tmp_path / "filled"), sigma=-1)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from exaconnect.errors import InputError
-from exaconnect.precomputed.config_loader import load_dataclass, plain
+from exaconnect.precomputed.config_loader import load_dataclass, merged_mapping, plain
 
 Triple = tuple[int, int, int]
 
@@ -256,7 +256,8 @@ def _plugin_sections(data: Mapping[str, Any], where: str) -> tuple[dict, dict]:
 
 def apply_sets(data: dict, sets: Mapping[str, Mapping[str, Any]]) -> dict:
     """`--set section.key=value` overrides (already parsed) into the raw mapping; a top-level
-    key is given as `pipeline.key`."""
+    key is given as `pipeline.key`. A nested section is merged, not replaced: setting
+    `refine.fill.sigma` keeps the file's `refine.fill.enabled`."""
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
     for section, values in sets.items():
         if section == "pipeline":
@@ -265,7 +266,7 @@ def apply_sets(data: dict, sets: Mapping[str, Mapping[str, Any]]) -> dict:
         current = out.get(section) or {}
         if not isinstance(current, Mapping):
             raise InputError(f"--set {section}.…: {section} is not a section")
-        out[section] = {**current, **values}
+        out[section] = merged_mapping(current, values)
     return out
 
 

@@ -90,3 +90,15 @@ def plain(config: Any) -> Any:
     if isinstance(config, Mapping):
         return {k: plain(v) for k, v in config.items()}
     return config
+
+
+def merged_mapping(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """`base` with `overrides` laid over it, nested mappings merged key by key (an override of
+    `refine.fill.sigma` keeps `refine.fill.enabled`); any other value replaces the one below."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged_mapping(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -31,21 +31,34 @@ def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def parse_sets(items: Sequence[str] | None, allowed: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-    """`section.key=value` strings -> {section: {key: value}}; values are YAML scalars or lists."""
+    """`section.key=value` strings -> {section: {key: value}}; values are YAML scalars, lists or
+    maps. A deeper key names an option inside a nested section: `refine.p2.enabled=false` ->
+    {refine: {p2: {enabled: False}}}, merged with any other setting of that section."""
     import yaml
 
     overrides: dict[str, dict[str, Any]] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        section, dot, option = key.strip().partition(".")
-        if not sep or not dot or not section or not option:
+        path = [part.strip() for part in key.split(".")]
+        if not sep or len(path) < 2 or not all(path):
             raise InputError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. inference.segment_threshold=0.6")
-        if allowed is not None and section not in allowed:
-            raise InputError(f"--set {item!r}: unknown section {section!r}; expected one of {', '.join(allowed)}")
+        if allowed is not None and path[0] not in allowed:
+            raise InputError(f"--set {item!r}: unknown section {path[0]!r}; expected one of {', '.join(allowed)}")
         try:
-            overrides.setdefault(section, {})[option] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise InputError(f"--set {item!r}: the value is not valid YAML") from None
+        section = overrides.setdefault(path[0], {})
+        for depth, part in enumerate(path[1:-1], start=1):
+            inner = section.setdefault(part, {})
+            if not isinstance(inner, dict):
+                raise InputError(f"--set {item!r}: {'.'.join(path[:depth + 1])} was set to {inner!r} by an "
+                                 "earlier --set; expected a section")
+            section = inner
+        if isinstance(parsed, dict) and isinstance(section.get(path[-1]), dict):
+            section[path[-1]] = {**section[path[-1]], **parsed}
+        else:
+            section[path[-1]] = parsed
     return overrides
 
 

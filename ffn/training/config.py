@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from exaconnect.errors import InputError
+from exaconnect.precomputed.config_loader import merged_mapping
 
 from ..config import InferenceOptions, ModelConfig, inference_options_from_dict, model_config_from_dict
 
@@ -466,7 +467,7 @@ def merge_overrides(data: Mapping[str, Any], overrides: Mapping[str, Mapping[str
         base = merged.get(section) or {}
         if not isinstance(base, Mapping):
             raise InputError(f"{section}: expected a mapping to override")
-        merged[section] = {**base, **dict(values)}
+        merged[section] = merged_mapping(base, values)
     return merged
 
 

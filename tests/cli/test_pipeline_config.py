@@ -90,3 +90,28 @@ def test_the_demo_plans_every_stage_in_order(tmp_path):
                                                          "misalign": {"enabled": False}, "align": {"enabled": False}})
     names = [s.name for s in build_plan(without_align).stages]
     assert not [n for n in names if n.startswith(("align", "misalign"))] and "segment.faces" in names
+
+
+def test_set_reaches_an_option_inside_a_nested_section(tmp_path, capsys):
+    """`--set refine.p2.enabled=true` sets one option of a nested section and keeps the rest of
+    it as the file has it; a mistyped nested key is named; a key set as a value cannot then be
+    a section."""
+    from exaconnect.cli import main
+    from exaconnect.cli.common import parse_sets
+
+    assert parse_sets(["refine.p2.enabled=true", "refine.p2.min_segment_size=50", "refine.enabled=true"]) == {
+        "refine": {"p2": {"enabled": True, "min_segment_size": 50}, "enabled": True}}
+    assert parse_sets(["refine.fill={enabled: true}", "refine.fill.sigma=1"]) == {
+        "refine": {"fill": {"enabled": True, "sigma": 1}}}
+    with pytest.raises(InputError, match=r"refine.p2 was set to 3 by an earlier --set; expected a section"):
+        parse_sets(["refine.p2=3", "refine.p2.enabled=true"])
+    with pytest.raises(InputError, match="expected SECTION.KEY=VALUE"):
+        parse_sets(["refine..enabled=true"])
+
+    args = ["run", str(CONFIGS / "demo.yaml"), "--output", str(tmp_path / "out"), "--print-config"]
+    assert main([*args, "--set", "refine.p2.enabled=true", "--set", "refine.fill.sigma=0.5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["refine"]
+    assert printed["p2"]["enabled"] is True and printed["p3"]["enabled"] is False  # p3 as demo.yaml has it
+    assert printed["fill"] == {"enabled": True, "sigma": 0.5}
+    assert main([*args, "--set", "refine.p2.enabld=true"]) == 2
+    assert "refine.p2.enabld: unknown key" in capsys.readouterr().err

@@ -187,7 +187,7 @@ def test_ranks_start_workers_only_for_queues_with_tasks_and_runner_gets_run_args
     open_queue(f"fq://{tmp_path / 'q' / 'segment'}", create=True).insert([NoopTask(0)])
     open_queue(f"fq://{tmp_path / 'q' / 'mesh'}", create=True)  # exists, empty
     env = _job_env(tmp_path, PIPELINE="configs/demo.yaml", QUEUE_ROOT=f"fq://{tmp_path / 'q'}", WORKERS_PER_NODE="2",
-                   SERVICES="ingest segment mesh", POLL_SECONDS="0", RUN_ARGS="--forget segment --set name=again",
+                   SERVICES="ingest segment mesh", POLL_SECONDS="0", RUN_ARGS="--forget segment --set pipeline.name=again",
                    FAKE_APPTAINER_WAIT="1", WALLTIME="00:00:10", STOP_GRACE="6", RELEASE_GRACE="2",
                    EXA_STOP_FILE=str(tmp_path / "runner.done"))
     out = subprocess.run(["bash", str(DEPLOY / "aurora" / "pipeline.pbs")], env=env, capture_output=True, text=True,
@@ -195,6 +195,6 @@ def test_ranks_start_workers_only_for_queues_with_tasks_and_runner_gets_run_args
     assert out.returncode == 124, out.stderr  # the runner and the workers wait until the walltime stops them
     runs = [r["argv"] for r in fake_log(tmp_path, "apptainer.jsonl") if "argv" in r]
     (runner,) = [a for a in runs if "run" in a]
-    assert runner[-4:] == ["--forget", "segment", "--set", "name=again"]
+    assert runner[-4:] == ["--forget", "segment", "--set", "pipeline.name=again"]
     queues = {a[a.index("work") + 1].rsplit("/", 1)[1] for a in runs if "work" in a}
     assert queues == {"segment"}, queues

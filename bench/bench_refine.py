@@ -3,11 +3,13 @@
 objects seeded in its unclaimed voxels (ffn/reseed.py), P3 agglomeration by FFN
 resegmentation of neighbouring pairs (ffn/agglomerate.py), then the fill (ffn/fill.py: the
 voxels still unclaimed handed to the objects around them, no network), after P3 and, for
-comparison, straight after P1. The merge thresholds are chosen on the crop's z < half (pairs
-whose decision point lies there, scored on those voxels), the fill's smoothing on z < half of
-the filled P3 result; both are reported on z >= half and on the whole crop. Scores: VI and adapted Rand error with label 0
-one segment and no voxel left out, expected run length on kimimaro skeletons of the crop's
-ground truth (scale 1.5, const 300, dust 100). Cost: CPU-seconds and network evaluations.
+comparison, straight after P1, there also with every object opened by 1 and 2 voxels (fixed
+radii, not chosen: each trades VI for run length). The merge thresholds are chosen on the
+crop's z < half (pairs whose decision point lies there, scored on those voxels), the fill's
+smoothing on z < half of the filled P3 result; both are reported on z >= half and on the whole
+crop. Scores: VI and adapted Rand error with label 0 one segment and no voxel left out,
+expected run length on kimimaro skeletons of the crop's ground truth (scale 1.5, const 300,
+dust 100). Cost: CPU-seconds and network evaluations.
 Prints one JSON line.
 
     nice -n 5 .venv/bin/python bench/bench_refine.py [--bbox 64,64,64,160,160,160] [--cache DIR]
@@ -33,6 +35,7 @@ from bench_ffn_precision import CHECKPOINT, RESOLUTION, load_crop  # noqa: E402
 from common import emit, require_fib25  # noqa: E402
 
 FILL_SIGMAS = (0.0, 0.5, 1.0, 2.0)
+OPEN_RADII = (1, 2)  # the fill straight after P1, then every object opened (ffn/fill.py open_objects)
 GRID = {"min_iou": (0.0, 0.1, 0.3, 0.5, 0.7), "min_cross": (0.0, 0.1, 0.2, 0.4, 0.6), "min_self": (0.3, 0.6),
         "max_deleted": (0.02, 0.1, 1.0), "min_cross_one": (0.0, 0.4, 0.5, 0.6, 0.7, 0.8)}
 
@@ -91,7 +94,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="network calls batch this many P3 runs")
     args = parser.parse_args()
     require_fib25()
-    from exaconnect.ffn.fill import fill_unsegmented
+    from exaconnect.ffn.fill import fill_unsegmented, open_objects
     from exaconnect.ffn.agglomerate import (COLUMN, MergeThresholds, ResegmentOptions, accept, candidate_contacts,
                                             decision_boxes, resegment_pairs)
     from exaconnect.ffn.inference import segment_subvolume
@@ -177,8 +180,10 @@ def main() -> None:
     parameters = KimimaroParameters(scale=1.5, const=300, dust_threshold=100, anisotropy=RESOLUTION)
     skeletons = skeletonize_labels(groundtruth, parameters)
     table = {}
-    for name, labels in (("P1", labels1), ("P1+P2", labels2), ("P1+P2+P3", labels3), ("P1+P2+P3+fill", labels4),
-                         ("P1+fill", labels1_filled)):
+    rows = [("P1", labels1), ("P1+P2", labels2), ("P1+P2+P3", labels3), ("P1+P2+P3+fill", labels4),
+            ("P1+fill", labels1_filled)]
+    rows += [(f"P1+fill+open{radius}", open_objects(labels1_filled, radius)) for radius in OPEN_RADII]
+    for name, labels in rows:
         table[name] = {"whole": scores(labels, groundtruth, skeletons),
                        "z_low_half": scores(labels[:half], groundtruth[:half], skeletons),
                        "z_high_half": scores(labels[half:], groundtruth[half:], skeletons, (half, 0, 0))}

@@ -138,9 +138,10 @@ class AgglomeratePlan:
 
 @dataclass(frozen=True)
 class FillPlan:
-    """The fill over `input_layer` into `output_layer`: `sigma` smooths the image (voxels); the
-    grid's overlap is the margin each subvolume is filled with, so a gap at a subvolume face is
-    decided from both sides."""
+    """The fill over `input_layer` into `output_layer`: `sigma` smooths the image (voxels);
+    `open_radius` then opens every object by that many voxels (ffn/fill.py `open_objects`; 0:
+    not at all). The grid's overlap is the margin each subvolume is filled with, so a gap at a
+    subvolume face is decided from both sides; it must be at least 2 * open_radius."""
 
     image_layer: str
     input_layer: str
@@ -148,11 +149,17 @@ class FillPlan:
     sigma: float = 0.0
     grid: RefineGrid = RefineGrid()
     staging: str = ""
+    open_radius: int = 0
 
     def __post_init__(self) -> None:
         _normalise_layers(self)
         if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not self.sigma >= 0:
             raise InputError(f"fill.sigma={self.sigma!r}: expected a number >= 0 (voxels)")
+        if isinstance(self.open_radius, bool) or not isinstance(self.open_radius, int) or self.open_radius < 0:
+            raise InputError(f"fill.open_radius={self.open_radius!r}: expected an integer >= 0 (voxels)")
+        if min(self.grid.overlap) < 2 * self.open_radius:
+            raise InputError(f"fill.open_radius={self.open_radius}: the refine overlap {self.grid.overlap} must be "
+                             f"at least {2 * self.open_radius} voxels (twice the radius) on every axis")
 
 
 def _normalise_layers(plan: Any) -> None:
@@ -563,7 +570,7 @@ class FillTask(RegisteredTask):
         super().__init__(staging, [int(i) for i in index])
 
     def execute(self) -> None:
-        from exaconnect.ffn.fill import fill_unsegmented
+        from exaconnect.ffn.fill import fill_unsegmented, open_objects
 
         files = ArtifactStore(self.staging)
         key = f"fill/done/{_name(self.index)}"
@@ -574,11 +581,12 @@ class FillTask(RegisteredTask):
         cpu = time.process_time()
         image = read_box(open_layer(plan.image_layer, layer_type="image"), cell.read)
         labels = read_box(open_layer(plan.input_layer, layer_type="segmentation"), cell.read).astype(np.uint64)
-        core = _crop(fill_unsegmented(image, labels, sigma=float(plan.sigma)), cell.read, cell.write)
-        before = _crop(labels, cell.read, cell.write)
+        filled = open_objects(fill_unsegmented(image, labels, sigma=float(plan.sigma)), plan.open_radius)
+        core, before = _crop(filled, cell.read, cell.write), _crop(labels, cell.read, cell.write)
         write_box(open_layer(plan.output_layer, layer_type="segmentation"), cell.write, core)
         files.put(key, b"", {"voxels": int(before.size), "voxels_unclaimed": int((before == 0).sum()),
                              "voxels_filled": int(((before == 0) & (core != 0)).sum()),
+                             "voxels_opened": int(((before != 0) & (core == 0)).sum()),
                              "cpu_seconds": time.process_time() - cpu})
 
 
@@ -597,13 +605,15 @@ class FillReportTask(RegisteredTask):
         if missing:
             raise LayerError(f"{plan.staging}: fill subvolumes {missing[:5]} not finished; run refine.fill first")
         total = {name: sum(m[name] for m in markers.values())
-                 for name in ("voxels", "voxels_unclaimed", "voxels_filled")}
+                 for name in ("voxels", "voxels_unclaimed", "voxels_filled", "voxels_opened")}
+        unclaimed_after = total["voxels_unclaimed"] - total["voxels_filled"] + total["voxels_opened"]
         _report(plan, "fill", {
-            "objects_added": 0, "objects_merged": 0, "objects_split": 0, "voxels_changed": total["voxels_filled"],
+            "objects_added": 0, "objects_merged": 0, "objects_split": 0,
+            "voxels_changed": total["voxels_filled"] + total["voxels_opened"],
+            "voxels_filled": total["voxels_filled"], "voxels_opened": total["voxels_opened"],
             "unclaimed_fraction_before": round(total["voxels_unclaimed"] / max(total["voxels"], 1), 6),
-            "unclaimed_fraction_after": round((total["voxels_unclaimed"] - total["voxels_filled"])
-                                              / max(total["voxels"], 1), 6),
-            "network_evaluations": 0, "sigma": plan.sigma,
+            "unclaimed_fraction_after": round(unclaimed_after / max(total["voxels"], 1), 6),
+            "network_evaluations": 0, "sigma": plan.sigma, "open_radius": plan.open_radius,
             "cpu_seconds": round(sum(m["cpu_seconds"] for m in markers.values()), 2), "subvolumes": len(cells)})
 
 
@@ -798,6 +808,7 @@ class P3Section:
 class FillSection:
     enabled: bool = False
     sigma: float = 0.0
+    open_radius: int = 0
 
 
 @dataclass(frozen=True)
@@ -865,7 +876,8 @@ def plan_refine(config: RefineSection, context: Any) -> None:
         context.layers["segmentation_p3"] = current
     if config.fill.enabled:
         plan_fill = FillPlan(context.layers["image"], current, context.layer("segmentation_filled"),
-                             config.fill.sigma, RefineGrid(config.subvolume, config.overlap))
+                             config.fill.sigma, RefineGrid(config.subvolume, config.overlap),
+                             open_radius=config.fill.open_radius)
         stages = fill_stages(plan_fill, upstream + context.requires("image"))
         context.add(*stages)
         current, last = plan_fill.output_layer, stages[-1]

@@ -65,3 +65,25 @@ def test_filling_fib25_lowers_the_merge_of_an_ffn_with_gaps(shared_dir, fib25_im
     before, after = segmentation_metrics(ffn, gt), segmentation_metrics(filled, gt)
     assert after["vi"] < before["vi"]
     assert after["adapted_rand_error"] < before["adapted_rand_error"]
+
+
+def test_opening_takes_back_thin_parts_and_nothing_else():
+    from exaconnect.ffn.fill import open_objects
+
+    labels = np.zeros((20, 24, 28), np.uint64)
+    labels[5:15, 5:15, 5:15] = 7                 # a thick object
+    labels[9, 9, 15:20] = 7                      # with a one-voxel-thin arm into the space beside it
+    labels[2:18, 17:19, 2:26] = 2**40 + 3        # a sheet two voxels thick
+    labels[:, :, 24:] = 5                        # an object that reaches the array's face
+    opened = open_objects(labels, 1)
+    assert (opened[9, 9, 16:20] == 0).all()      # the arm goes (its base is part of the object's face)
+    assert (opened[6:14, 6:14, 6:14] == 7).all()
+    assert not (opened == 2**40 + 3).any()      # thinner than 2 * 1 + 1
+    assert (open_objects(labels, 0) == labels).all()
+    assert (opened[:, :, 25:][labels[:, :, 25:] == 5] == 5).all()  # the face is no boundary
+    # No voxel changes object: what stays is the object it was.
+    kept = opened != 0
+    assert np.array_equal(opened[kept], labels[kept])
+    for radius in (-1, 1.5, True):
+        with pytest.raises(InputError, match="open radius"):
+            open_objects(labels, radius)

@@ -197,6 +197,7 @@ def test_p2_and_p3_with_a_real_network_keep_their_invariants_and_resume(tmp_path
 def test_the_fill_over_subvolumes_is_the_fill_of_the_whole_volume(tmp_path):
     """Gaps thinner than the overlap are decided as the whole volume's fill decides them, on a
     layer off the origin and off the chunk grid; claimed voxels never change; a rerun skips."""
+    from exaconnect.errors import InputError
     from exaconnect.ffn.fill import fill_unsegmented
 
     image, truth = _volume()
@@ -205,6 +206,7 @@ def test_the_fill_over_subvolumes_is_the_fill_of_the_whole_volume(tmp_path):
     x = np.arange(truth.shape[2])
     p1[:, :, (x % 16 == 13) | (x % 16 == 14)] = 0          # a band beside each membrane
     p1[rng.random(p1.shape) < 0.05] = 0                     # scattered holes
+    p1[20, 20, 17:26] = 1                                   # a thin arm of region 1 into region 2, across a face
     p1[p1 == 2] = 2**40 + 9                                 # a packed ID, as the segment service writes
     image_layer = _layer(tmp_path / "image", image, "image")
     p1_layer = _layer(tmp_path / "p1", p1, "segmentation")
@@ -223,6 +225,22 @@ def test_the_fill_over_subvolumes_is_the_fill_of_the_whole_volume(tmp_path):
     assert fill_report["unclaimed_fraction_after"] == 0 and fill_report["network_evaluations"] == 0
     again = _run(fill_stages(plan), tmp_path, "fill")
     assert {r.status for r in again.results.values()} == {"skipped"}
+
+    # Opened as well: the subvolumes' margin (8) covers twice the radius, so again the whole
+    # volume's result; an overlap too small for the radius is refused before anything is written.
+    from exaconnect.ffn.fill import open_objects
+
+    opened = FillPlan(image_layer, p1_layer, str(tmp_path / "opened"), grid=RefineGrid((16, 16, 16), (8, 8, 8)),
+                      open_radius=2)
+    _run(fill_stages(opened), tmp_path, "open")
+    expected = open_objects(fill_unsegmented(image, p1, sigma=0.0), 2)
+    assert np.array_equal(_read(tmp_path / "opened"), expected) and (expected[20, 20, 18:26] == 0).all()
+    opened_report = read_report(str(tmp_path / "opened"))
+    assert opened_report["voxels_opened"] == int(((p1 != 0) & (expected == 0)).sum())
+    assert opened_report["unclaimed_fraction_after"] == round(float((expected == 0).mean()), 6)
+    with pytest.raises(InputError, match=r"overlap \(4, 4, 4\) must be at least 6 voxels"):
+        FillPlan(image_layer, p1_layer, str(tmp_path / "x"), grid=RefineGrid((16, 16, 16), (4, 4, 4)), open_radius=3)
+    assert not (tmp_path / "x").exists()
 
 
 def test_the_refine_section_plans_p2_and_p3_between_segment_and_meshes(tmp_path):

@@ -59,7 +59,7 @@ def open_objects(labels: np.ndarray, radius: int) -> np.ndarray:
 
     Why: a dense object often holds a node or two of the thin neurite beside it, and one such
     node makes the whole object a merger in skeleton terms; on training_sample2 opening the
-    filled segmentation by 2 voxels more than doubles its expected run length for 0.1 of VI
+    filled segmentation by 2 voxels doubles its expected run length for 0.06 of VI
     (docs/refine.md). The array's faces are not object boundaries (outside is taken to continue
     the volume), so a subvolume read with a margin of 2 * radius opens its core as the whole
     volume would."""

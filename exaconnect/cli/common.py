@@ -36,6 +36,8 @@ def parse_sets(items: Sequence[str] | None, allowed: Sequence[str] | None = None
     {refine: {p2: {enabled: False}}}, merged with any other setting of that section."""
     import yaml
 
+    from exaconnect.precomputed.config_loader import merged_mapping
+
     overrides: dict[str, dict[str, Any]] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -56,7 +58,7 @@ def parse_sets(items: Sequence[str] | None, allowed: Sequence[str] | None = None
                                  "earlier --set; expected a section")
             section = inner
         if isinstance(parsed, dict) and isinstance(section.get(path[-1]), dict):
-            section[path[-1]] = {**section[path[-1]], **parsed}
+            section[path[-1]] = merged_mapping(section[path[-1]], parsed)
         else:
             section[path[-1]] = parsed
     return overrides

@@ -32,7 +32,7 @@ from exaconnect.precomputed.verify import record_checksums, require_complete
 from exaconnect.precomputed.layers import (LayerSpec, LayerUrl, Provenance, create_layer, layer_bounds, layer_url,
                                            local_path, open_layer, read_box, write_box)
 from exaconnect.align.match import AlignConfig, finalize_meshes, match_section
-from exaconnect.services.stages import Stage
+from exaconnect.services.stages import ChainedStep, Stage
 from exaconnect.align.mesh import SectionFlow, block_ranges, solve_block
 from exaconnect.align.warp import region_map, source_window, to_dtype, warp_region
 
@@ -362,32 +362,23 @@ def stage_tasks(stage: str, src: LayerUrl, dest: LayerUrl, config: AlignConfig |
 
 
 @dataclass(frozen=True)
-class AlignStep(Stage):
+class AlignStep(ChainedStep):
     """One step of the alignment of `src` into `dest` (flow, mesh, compose, render, report), each
     requiring the one before it (the first: `upstream`). The alignment's spring meshes are the
     `mesh` step; they have nothing to do with neuroglancer meshes (services/mesh.py)."""
 
     service: ClassVar[str] = "align"
     stage_name: ClassVar[str] = "align"
+    steps: ClassVar[tuple[str, ...]] = STAGES
+    step_kind: ClassVar[str] = "align"
+    step_names: ClassVar[str] = "align.{step}"
     src: LayerUrl
     dest: LayerUrl
     config: Any = None  # AlignConfig, or one resolved when the step starts (see _resolve)
-    step: str = "flow"
-    previous: Stage | None = None
-
-    def __post_init__(self) -> None:
-        if self.step not in STAGES:
-            raise InputError(f"align step {self.step!r}: expected one of {STAGES}")
-        if not self.name:
-            object.__setattr__(self, "name", f"align.{self.step}")
-        super().__post_init__()
 
     @property
     def description(self) -> str:  # type: ignore[override]
         return f"alignment: {self.step}"
-
-    def requires(self) -> tuple[Stage, ...]:
-        return (self.previous,) if self.previous is not None else self.upstream
 
     def make_tasks(self) -> list:
         return stage_tasks(self.step, self.src, self.dest, _resolve(self.config) if self.config is not None else None)
@@ -403,16 +394,7 @@ def align_stages(src: str, dest: str, config: Any, upstream: tuple[Stage, ...] =
                  steps: Iterable[str] = STAGES) -> list[AlignStep]:
     """flow -> mesh -> compose -> render -> report (or the first of them named in `steps`) as
     stages named `PREFIX.STEP`."""
-    wanted = set(steps)
-    stages: list[AlignStep] = []
-    previous: AlignStep | None = None
-    for step in STAGES:
-        if step not in wanted:
-            continue
-        previous = AlignStep(src=src, dest=dest, config=config, step=step, previous=previous,
-                             upstream=upstream if previous is None else (), name=f"{prefix}.{step}")
-        stages.append(previous)
-    return stages
+    return AlignStep.chain(upstream, steps, name=lambda step: f"{prefix}.{step}", src=src, dest=dest, config=config)
 
 
 @dataclass(frozen=True)

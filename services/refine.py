@@ -74,14 +74,14 @@ from exaconnect.precomputed.stitching import (
     pack_ids,
 )
 from exaconnect.precomputed.store import ArtifactStore
-from exaconnect.services.stages import PipelineSection, Stage, register_section
+from exaconnect.services.stages import ChainedStep, PipelineSection, Stage, register_section
 
 log = logging.getLogger("exaconnect.refine")
 
 REPORT = "refine.json"
 P2_STEPS = ("grow", "faces", "equivalence", "relabel")
 P3_STEPS = ("pairs", "resegment", "equivalence", "relabel")
-FILL_STEPS = ("fill", "report")
+FILL_STEPS = ("fill", "fill-report")
 
 
 # ---------------------------------------------------------------- plans (what a pass's tasks read)
@@ -620,26 +620,17 @@ class FillReportTask(RegisteredTask):
 # ---------------------------------------------------------------- stages
 
 @dataclass(frozen=True)
-class ReseedStep(Stage):
+class ReseedStep(ChainedStep):
     """One step of P2 (see the module docstring)."""
 
     service: ClassVar[str] = "segment"
     stage_name: ClassVar[str] = "refine.p2-grow"
     lease_seconds: ClassVar[int] = 3600
     description: ClassVar[str] = "P2: FFN objects seeded in unclaimed voxels"
+    steps: ClassVar[tuple[str, ...]] = P2_STEPS
+    step_kind: ClassVar[str] = "P2"
+    step_names: ClassVar[str] = "refine.p2-{step}"
     plan: ReseedPlan
-    step: str = "grow"
-    previous: Stage | None = None
-
-    def __post_init__(self) -> None:
-        if self.step not in P2_STEPS:
-            raise InputError(f"P2 step {self.step!r}: expected one of {P2_STEPS}")
-        if not self.name:
-            object.__setattr__(self, "name", f"refine.p2-{self.step}")
-        super().__post_init__()
-
-    def requires(self) -> tuple[Stage, ...]:
-        return (self.previous,) if self.previous is not None else self.upstream
 
     def make_tasks(self) -> list:
         staging = self.plan.staging
@@ -658,7 +649,7 @@ class ReseedStep(Stage):
 
 
 @dataclass(frozen=True)
-class AgglomerateStep(Stage):
+class AgglomerateStep(ChainedStep):
     """One step of P3 (see the module docstring). The thresholds count only in the steps that
     use them, so a new choice of thresholds reruns the equivalence and relabel, not the FFN."""
 
@@ -666,25 +657,16 @@ class AgglomerateStep(Stage):
     stage_name: ClassVar[str] = "refine.p3-pairs"
     lease_seconds: ClassVar[int] = 3600
     description: ClassVar[str] = "P3: agglomeration by FFN resegmentation"
+    steps: ClassVar[tuple[str, ...]] = P3_STEPS
+    step_kind: ClassVar[str] = "P3"
+    step_names: ClassVar[str] = "refine.p3-{step}"
     plan: AgglomeratePlan
-    step: str = "pairs"
-    previous: Stage | None = None
-
-    def __post_init__(self) -> None:
-        if self.step not in P3_STEPS:
-            raise InputError(f"P3 step {self.step!r}: expected one of {P3_STEPS}")
-        if not self.name:
-            object.__setattr__(self, "name", f"refine.p3-{self.step}")
-        super().__post_init__()
 
     def parameters(self) -> dict[str, Any]:
         out = super().parameters()
         if self.step in ("pairs", "resegment"):
             out["plan"] = {k: v for k, v in out["plan"].items() if k != "thresholds"}
         return out
-
-    def requires(self) -> tuple[Stage, ...]:
-        return (self.previous,) if self.previous is not None else self.upstream
 
     def make_tasks(self) -> list:
         staging = self.plan.staging
@@ -714,29 +696,20 @@ class AgglomerateStep(Stage):
 
 
 @dataclass(frozen=True)
-class FillStep(Stage):
+class FillStep(ChainedStep):
     """One step of the fill (see the module docstring)."""
 
     service: ClassVar[str] = "segment"
     stage_name: ClassVar[str] = "refine.fill"
     lease_seconds: ClassVar[int] = 1800
     description: ClassVar[str] = "fill: unclaimed voxels handed to the objects around them"
+    steps: ClassVar[tuple[str, ...]] = FILL_STEPS
+    step_kind: ClassVar[str] = "fill"
+    step_names: ClassVar[str] = "refine.{step}"
     plan: FillPlan
-    step: str = "fill"
-    previous: Stage | None = None
-
-    def __post_init__(self) -> None:
-        if self.step not in FILL_STEPS:
-            raise InputError(f"fill step {self.step!r}: expected one of {FILL_STEPS}")
-        if not self.name:
-            object.__setattr__(self, "name", "refine.fill" if self.step == "fill" else f"refine.fill-{self.step}")
-        super().__post_init__()
-
-    def requires(self) -> tuple[Stage, ...]:
-        return (self.previous,) if self.previous is not None else self.upstream
 
     def make_tasks(self) -> list:
-        if self.step == "report":
+        if self.step == "fill-report":
             return [FillReportTask(self.plan.staging)]
         _prepare(self.plan, "fill")
         return [FillTask(self.plan.staging, list(c.index)) for c in _cells(self.plan)]
@@ -745,30 +718,19 @@ class FillStep(Stage):
         return (self.plan.image_layer, self.plan.input_layer)
 
     def writes(self) -> tuple[str, ...]:
-        return (self.plan.output_layer,) if self.step == "fill" else (f"{self.plan.staging}/fill/{self.step}",)
+        return (self.plan.output_layer,) if self.step == "fill" else (f"{self.plan.staging}/fill/report",)
 
 
 def fill_stages(plan: FillPlan, upstream: tuple[Stage, ...] = ()) -> list[Stage]:
-    fill = FillStep(plan=plan, step="fill", upstream=upstream)
-    return [fill, FillStep(plan=plan, step="report", previous=fill)]
+    return FillStep.chain(upstream, plan=plan)
 
 
 def reseed_stages(plan: ReseedPlan, upstream: tuple[Stage, ...] = ()) -> list[Stage]:
-    stages: list[Stage] = []
-    previous: Stage | None = None
-    for step in P2_STEPS:
-        previous = ReseedStep(plan=plan, step=step, previous=previous, upstream=upstream if previous is None else ())
-        stages.append(previous)
-    return stages
+    return ReseedStep.chain(upstream, plan=plan)
 
 
 def agglomerate_stages(plan: AgglomeratePlan, upstream: tuple[Stage, ...] = ()) -> list[Stage]:
-    stages: list[Stage] = []
-    previous: Stage | None = None
-    for step in P3_STEPS:
-        previous = AgglomerateStep(plan=plan, step=step, previous=previous, upstream=upstream if previous is None else ())
-        stages.append(previous)
-    return stages
+    return AgglomerateStep.chain(upstream, plan=plan)
 
 
 def read_report(layer: str) -> dict | None:

@@ -120,6 +120,49 @@ class Stage:
                 if f.name != "name" and f.metadata.get("fingerprint", True)}
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChainedStep(Stage):
+    """One step of a fixed chain (a refinement pass, an alignment): `steps` names them in order,
+    each step requires the one before it (`previous`), the first requires `upstream`. A subclass
+    sets `steps`, `step_kind` (for errors) and `step_names` (its stages' names, `{step}` filled
+    in); `chain()` makes the whole chain."""
+
+    steps: ClassVar[tuple[str, ...]] = ()
+    step_kind: ClassVar[str] = "step"
+    step_names: ClassVar[str] = "{step}"
+    step: str = ""  # empty: the first of `steps`
+    previous: Stage | None = None
+
+    def __post_init__(self) -> None:
+        if not self.step:
+            object.__setattr__(self, "step", type(self).steps[0])
+        if self.step not in type(self).steps:
+            raise InputError(f"{type(self).step_kind} step {self.step!r}: expected one of {type(self).steps}")
+        if not self.name:
+            object.__setattr__(self, "name", type(self).step_names.format(step=self.step))
+        super().__post_init__()
+
+    def requires(self) -> tuple[Stage, ...]:
+        return (self.previous,) if self.previous is not None else self.upstream
+
+    @classmethod
+    def chain(cls, upstream: tuple[Stage, ...] = (), steps: Iterable[str] | None = None,
+              name: Callable[[str], str] | None = None, **fields: Any) -> list:
+        """The steps (all, or those named in `steps`, in chain order), each requiring the one
+        before it; `name(step)`, if given, names them instead of `step_names`."""
+        wanted = set(cls.steps if steps is None else steps)
+        stages: list = []
+        previous: Stage | None = None
+        for step in cls.steps:
+            if step not in wanted:
+                continue
+            named = {"name": name(step)} if name is not None else {}
+            previous = cls(step=step, previous=previous, upstream=upstream if previous is None else (), **named,
+                           **fields)
+            stages.append(previous)
+        return stages
+
+
 def _normalise_layer_fields(stage: "Stage") -> None:
     """Every field declared `LayerUrl` (or `LayerUrl | None`) holds the layer's one name from
     construction on, however the stage was made (CLI, pipeline file, a lab's code): the services
